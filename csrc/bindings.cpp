@@ -1,0 +1,217 @@
+// The pybind11 module fastdecode._C. It never sees a torch tensor: Python passes data pointers
+// (as integers), sizes, strides and the CUDA stream, so the module works with any torch build.
+// Every entry point checks its arguments again (fastdecode.ops validates first) and releases
+// the GIL while it runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/check.h"
+#include "kv/compact_kv_ops.h"
+#include "tree/tree_logic.h"
+#include "tree/tree_ops.h"
+
+namespace py = pybind11;
+using fastdecode::require;
+using fastdecode::require_ptr;
+using Ptr = std::uintptr_t;
+
+namespace {
+
+template <typename T>
+T* as(Ptr p) { return reinterpret_cast<T*>(p); }
+
+void check_tree(int64_t B, int64_t T) {
+  require(B >= 0, "B must be >= 0, found " + std::to_string(B));
+  require(T >= 1 && T <= fastdecode::tree::kMaxNodes,
+          "T must be in [1, " + std::to_string(fastdecode::tree::kMaxNodes) + "], found " +
+              std::to_string(T));
+}
+
+void check_verify(Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
+                  Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens) {
+  check_tree(B, T);
+  require(max_depth >= 0 && max_depth < T,
+          "max_depth must be in [0, T), found " + std::to_string(max_depth));
+  for (auto [p, name] : {std::pair{draft, "draft_tokens"}, {parents, "parents"},
+                         {predicted, "predicted"}, {accept_len, "accept_len"},
+                         {best_node, "best_node"}, {path, "path"}, {tokens, "tokens"}})
+    require_ptr(p, B, name);
+}
+
+void check_nodes(Ptr in, Ptr out, int64_t B, int64_t T, const char* in_name, const char* out_name) {
+  check_tree(B, T);
+  require_ptr(in, B, in_name);
+  require_ptr(out, B, out_name);
+}
+
+// The cache tensors as descriptors, checked. dims and strides hold 3 and 4 values per tensor:
+// (H, S, D) and the element strides of (B, H, S, D).
+struct KVArgs {
+  std::vector<fastdecode::kv::TensorDesc> descs;
+  int unit;
+};
+
+KVArgs kv_args(const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
+               const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start,
+               Ptr src, int64_t src_width, Ptr count) {
+  const size_t n = ptrs.size();
+  require(dims.size() == 3 * n && strides.size() == 4 * n,
+          "dims needs 3 and strides 4 values per tensor");
+  require(elem_size == 1 || elem_size == 2 || elem_size == 4 || elem_size == 8,
+          "elem_size must be 1, 2, 4 or 8, found " + std::to_string(elem_size));
+  require(B >= 0 && src_width >= 0, "B and src_width must be >= 0");
+  require_ptr(start, B, "start");
+  require_ptr(count, B, "count");
+  require_ptr(src, B * src_width, "src");
+  KVArgs args;
+  std::vector<int64_t> dim(n), stride_d(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t H = dims[3 * i], S = dims[3 * i + 1], D = dims[3 * i + 2];
+    require(H >= 0 && S >= 0 && D >= 0 && H < (1LL << 31) && S < (1LL << 31) &&
+                D * elem_size < (1LL << 31),
+            "cache tensor " + std::to_string(i) + " has an invalid shape");
+    require_ptr(ptrs[i], B * H * S * D, "cache tensor");
+    fastdecode::kv::TensorDesc d{};
+    d.base = as<char>(ptrs[i]);
+    d.stride_b = strides[4 * i] * elem_size;
+    d.stride_h = strides[4 * i + 1] * elem_size;
+    d.stride_s = strides[4 * i + 2] * elem_size;
+    d.heads = static_cast<int32_t>(H);
+    d.seq = static_cast<int32_t>(S);
+    args.descs.push_back(d);
+    dim[i] = D;
+    stride_d[i] = strides[4 * i + 3] * elem_size;
+  }
+  args.unit = fastdecode::kv::choose_unit(args.descs, dim, stride_d, elem_size);
+  require(args.unit >= elem_size, "a cache tensor's data pointer is not aligned to its dtype");
+  return args;
+}
+
+// CPU memory can be read here, so the CPU entry point re-checks the index values too.
+void check_kv_values(const KVArgs& args, int64_t B, const int64_t* start, const int64_t* src,
+                     int64_t src_width, const int64_t* count) {
+  int64_t seq = INT64_MAX;
+  for (const auto& d : args.descs) seq = std::min<int64_t>(seq, d.seq);
+  for (int64_t b = 0; b < B; ++b) {
+    require(count[b] >= 0 && count[b] <= src_width, "count out of [0, src_width]");
+    require(start[b] >= 0, "start must be >= 0");
+    for (int64_t i = 0; i < count[b]; ++i) {
+      const int64_t s = src[b * src_width + i];
+      require(s >= 0 && (i == 0 || s > src[b * src_width + i - 1]),
+              "src must be non-negative and strictly increasing");
+      require(args.descs.empty() || start[b] + s < seq, "start + src is past the cache's end");
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  namespace tree = fastdecode::tree;
+  namespace kv = fastdecode::kv;
+  m.doc() = "fastdecode native kernels (pointer-level API; use fastdecode.ops instead)";
+  m.attr("max_tree_nodes") = tree::kMaxNodes;
+  m.attr("max_tensors_per_launch") = kv::kMaxTensorsPerLaunch;
+#ifdef FASTDECODE_WITH_CUDA
+  m.attr("cuda_built") = true;
+  m.attr("cuda_archs") = std::string(FASTDECODE_CUDA_ARCHS);
+#else
+  m.attr("cuda_built") = false;
+  m.attr("cuda_archs") = std::string();
+#endif
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def("verify_tree_cpu",
+        [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
+           Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens) {
+          check_verify(draft, parents, predicted, B, T, max_depth, accept_len, best_node, path,
+                       tokens);
+          tree::verify_cpu(as<const int64_t>(draft), as<const int64_t>(parents),
+                           as<const int64_t>(predicted), B, T, max_depth, as<int64_t>(accept_len),
+                           as<int64_t>(best_node), as<int64_t>(path), as<int64_t>(tokens));
+        },
+        nogil);
+  m.def("tree_mask_cpu",
+        [](Ptr parents, int64_t B, int64_t T, Ptr mask) {
+          check_nodes(parents, mask, B, T, "parents", "mask");
+          tree::mask_cpu(as<const int64_t>(parents), B, T, as<uint8_t>(mask));
+        },
+        nogil);
+  m.def("tree_positions_cpu",
+        [](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions) {
+          check_nodes(parents, positions, B, T, "parents", "positions");
+          require_ptr(prefix_len, B, "prefix_len");
+          tree::positions_cpu(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
+                              as<int64_t>(positions));
+        },
+        nogil);
+  m.def("pack_tree_mask_cpu",
+        [](Ptr mask, int64_t B, int64_t T, Ptr packed) {
+          check_nodes(mask, packed, B, T, "mask", "packed");
+          tree::pack_cpu(as<const uint8_t>(mask), B, T, as<int32_t>(packed));
+        },
+        nogil);
+  m.def("compact_kv_cpu",
+        [](const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
+           const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start, Ptr src,
+           int64_t src_width, Ptr count) {
+          const KVArgs args =
+              kv_args(ptrs, dims, strides, elem_size, B, start, src, src_width, count);
+          check_kv_values(args, B, as<const int64_t>(start), as<const int64_t>(src), src_width,
+                          as<const int64_t>(count));
+          kv::compact_cpu(args.descs, args.unit, B, as<const int64_t>(start),
+                          as<const int64_t>(src), src_width, as<const int64_t>(count));
+        },
+        nogil);
+
+#ifdef FASTDECODE_WITH_CUDA
+  m.def("verify_tree_cuda",
+        [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
+           Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens, Ptr stream) {
+          check_verify(draft, parents, predicted, B, T, max_depth, accept_len, best_node, path,
+                       tokens);
+          tree::verify_cuda(as<const int64_t>(draft), as<const int64_t>(parents),
+                            as<const int64_t>(predicted), B, T, max_depth,
+                            as<int64_t>(accept_len), as<int64_t>(best_node), as<int64_t>(path),
+                            as<int64_t>(tokens), as<void>(stream));
+        },
+        nogil);
+  m.def("tree_mask_cuda",
+        [](Ptr parents, int64_t B, int64_t T, Ptr mask, Ptr stream) {
+          check_nodes(parents, mask, B, T, "parents", "mask");
+          tree::mask_cuda(as<const int64_t>(parents), B, T, as<uint8_t>(mask), as<void>(stream));
+        },
+        nogil);
+  m.def("tree_positions_cuda",
+        [](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions, Ptr stream) {
+          check_nodes(parents, positions, B, T, "parents", "positions");
+          require_ptr(prefix_len, B, "prefix_len");
+          tree::positions_cuda(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
+                               as<int64_t>(positions), as<void>(stream));
+        },
+        nogil);
+  m.def("pack_tree_mask_cuda",
+        [](Ptr mask, int64_t B, int64_t T, Ptr packed, Ptr stream) {
+          check_nodes(mask, packed, B, T, "mask", "packed");
+          tree::pack_cuda(as<const uint8_t>(mask), B, T, as<int32_t>(packed), as<void>(stream));
+        },
+        nogil);
+  m.def("compact_kv_cuda",
+        [](const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
+           const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start, Ptr src,
+           int64_t src_width, Ptr count, Ptr stream) {
+          const KVArgs args =
+              kv_args(ptrs, dims, strides, elem_size, B, start, src, src_width, count);
+          kv::compact_cuda(args.descs, args.unit, B, as<const int64_t>(start),
+                           as<const int64_t>(src), src_width, as<const int64_t>(count),
+                           as<void>(stream));
+        },
+        nogil);
+#endif
+}

@@ -1,0 +1,22 @@
+"""Public ops. Each validates its inputs, then runs through a ``torch.library`` custom op that
+dispatches to the fastest available backend (see :mod:`fastdecode._backend`)."""
+
+from fastdecode.ops.kv import compact_kv
+from fastdecode.ops.tree import (
+    MAX_TREE_NODES,
+    VerifyResult,
+    pack_tree_mask,
+    tree_mask,
+    tree_positions,
+    verify_tree,
+)
+
+__all__ = [
+    "MAX_TREE_NODES",
+    "VerifyResult",
+    "compact_kv",
+    "pack_tree_mask",
+    "tree_mask",
+    "tree_positions",
+    "verify_tree",
+]

@@ -41,8 +41,9 @@ class _Override:
 
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
-_OVERRIDE: contextvars.ContextVar[_Override | None] = contextvars.ContextVar(
-    "fastdecode_backend", default=None
+# The active use_backend() blocks, innermost last.
+_OVERRIDES: contextvars.ContextVar[tuple[_Override, ...]] = contextvars.ContextVar(
+    "fastdecode_backend", default=()
 )
 
 
@@ -93,9 +94,9 @@ def _why_not(backend: str, device_type: str) -> str | None:
 
 def _forced(op: str) -> tuple[str, str] | None:
     """The forced backend for ``op`` and where the force came from, if any."""
-    ctx = _OVERRIDE.get()
-    if ctx is not None and (ctx.ops is None or op in ctx.ops):
-        return ctx.backend, "use_backend()"
+    for ctx in reversed(_OVERRIDES.get()):
+        if ctx.ops is None or op in ctx.ops:
+            return ctx.backend, "use_backend()"
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return _check_name(env, ENV_VAR), ENV_VAR
@@ -134,8 +135,8 @@ def run(op: str, device: torch.device, *args: object) -> object:
 def use_backend(name: str, ops: Iterable[str] | None = None) -> Iterator[None]:
     """Forces backend ``name`` inside the ``with`` block, for every op or only for ``ops``.
 
-    It takes precedence over ``FASTDECODE_BACKEND``, nests, and is local to the thread (and
-    asyncio task). An op that lacks the backend, or cannot run it on its tensors' device,
+    It takes precedence over ``FASTDECODE_BACKEND`` and is local to the thread (and asyncio
+    task). Blocks nest: the innermost block that covers an op decides. An op that lacks the backend, or cannot run it on its tensors' device,
     raises :class:`BackendUnavailableError`.
     """
     _check_name(name, "use_backend(name)")
@@ -144,11 +145,11 @@ def use_backend(name: str, ops: Iterable[str] | None = None) -> Iterator[None]:
         unknown = sorted(ops - _REGISTRY.keys())
         if unknown:
             raise ValueError(f"use_backend(ops) names unknown ops {unknown}; known: {sorted(_REGISTRY)}")
-    token = _OVERRIDE.set(_Override(name, ops))
+    token = _OVERRIDES.set(_OVERRIDES.get() + (_Override(name, ops),))
     try:
         yield
     finally:
-        _OVERRIDE.reset(token)
+        _OVERRIDES.reset(token)
 
 
 def available(op: str) -> dict[str, bool]:

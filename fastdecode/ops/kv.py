@@ -146,7 +146,7 @@ def _check_values(start: torch.Tensor, src: torch.Tensor, count: torch.Tensor,
     N = src.shape[1]
     live = torch.arange(N, device=src.device) < count[:, None]
     steps = live[:, 1:] & (src[:, 1:] <= src[:, :-1])
-    last = start + src.gather(1, (count - 1).clamp(0, max(N - 1, 0)))[:, 0] if N else start
+    last = start + src.gather(1, (count - 1).clamp(0, max(N - 1, 0))[:, None])[:, 0] if N else start
     past = (count > 0) & (last >= seq) if seq is not None else torch.zeros_like(live[:, 0])
     facts = torch.stack([((count < 0) | (count > N)).any(), (start < 0).any(),
                          (live & (src < 0)).any(), steps.any(), past.any()]).tolist()

@@ -1,0 +1,40 @@
+# make demo | test | bench | gpu-check. demo, test and bench bootstrap .venv (reusing the
+# machine's torch and triton through --system-site-packages; torch==2.13.0, a CPU wheel, is
+# installed only when no torch is found) and build the extension into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-ready
+BUILT := $(VENV)/.fastdecode-built
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: demo test bench gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(DEPS): | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "numpy" "pytest" "hypothesis" "pybind11>=2.12" "cmake>=3.24" ninja setuptools triton "transformers>=5.17"
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILT)
+	$(PY) -m fastdecode demo
+
+test: $(BUILT)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) bench/primitives.py
+
+# On the GPU machine: its own python3 (no venv, no network), a CUDA build for sm_90, the GPU
+# tests and the whole suite on the GPU, then every benchmark; results and a log under $OUT.
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build $(VENV) fastdecode/_C*.so *.egg-info

@@ -1,0 +1,5 @@
+"""``python -m fastdecode`` is the ``fastdecode`` command."""
+
+from fastdecode.cli import main
+
+raise SystemExit(main())

@@ -1,4 +1,5 @@
-// Host loops over the per-thread logic of tree_logic.h: one iteration per CUDA thread.
+// Host loops over the per-thread logic of tree_logic.h: one iteration per CUDA thread, one
+// row at a time (a row's links and depths play the CUDA block's shared memory).
 #include <vector>
 
 #include "tree/tree_logic.h"
@@ -6,6 +7,20 @@
 
 namespace fastdecode {
 namespace tree {
+namespace {
+
+// A row's staged links and depths.
+struct Row {
+  std::vector<int32_t> link;
+  std::vector<int16_t> depth;
+  explicit Row(int64_t T) : link(T), depth(T) {}
+  void stage(const int64_t* parents, int64_t T) {
+    for (int64_t j = 0; j < T; ++j) stage_link(j, parents, link.data());
+    depth_scan(T, link.data(), T, depth.data());
+  }
+};
+
+}  // namespace
 
 void verify_cpu(const int64_t* draft, const int64_t* parents, const int64_t* predicted, int64_t B,
                 int64_t T, int64_t max_depth, int64_t* accept_len, int64_t* best_node,
@@ -16,9 +31,11 @@ void verify_cpu(const int64_t* draft, const int64_t* parents, const int64_t* pre
   const int64_t width = max_depth + 1;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* d = draft + b * T;
-    const int64_t* p = parents + b * T;
     const int64_t* q = predicted + b * T;
-    for (int64_t j = 0; j < T; ++j) verify_node(j, d, p, q, link.data(), match.data());
+    for (int64_t j = 0; j < T; ++j) {
+      stage_link(j, parents + b * T, link.data());
+      stage_match(j, d, q, link.data(), match.data());
+    }
     const int32_t best = verify_scan(T, link.data(), match.data(), max_depth, depth.data(),
                                      accepted.data());
     verify_path(best, depth.data(), link.data(), node_path.data());
@@ -32,17 +49,23 @@ void verify_cpu(const int64_t* draft, const int64_t* parents, const int64_t* pre
 
 void mask_cpu(const int64_t* parents, int64_t B, int64_t T, uint8_t* mask) {
   const int64_t words = (T + 31) / 32;
-  for (int64_t b = 0; b < B; ++b)
+  Row row(T);
+  for (int64_t b = 0; b < B; ++b) {
+    row.stage(parents + b * T, T);
     for (int64_t i = 0; i < T; ++i)
       for (int64_t w = 0; w < words; ++w)
-        tree_mask_word(parents + b * T, T, i, w, mask + (b * T + i) * T);
+        tree_mask_word(row.link.data(), row.depth.data(), T, i, w, mask + (b * T + i) * T);
+  }
 }
 
 void positions_cpu(const int64_t* parents, const int64_t* prefix_len, int64_t B, int64_t T,
                    int64_t* positions) {
-  for (int64_t b = 0; b < B; ++b)
+  Row row(T);
+  for (int64_t b = 0; b < B; ++b) {
+    row.stage(parents + b * T, T);
     for (int64_t i = 0; i < T; ++i)
-      positions[b * T + i] = prefix_len[b] + node_depth(parents + b * T, i);
+      positions[b * T + i] = prefix_len[b] + (row.depth[i] > 0 ? row.depth[i] : 0);
+  }
 }
 
 void pack_cpu(const uint8_t* mask, int64_t B, int64_t T, int32_t* packed) {

@@ -11,7 +11,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+// Threads of a one-block-per-row launch: whole warps covering `work` items, at most kThreads.
+int row_threads(int64_t work) {
+  return static_cast<int>(fd_min<int64_t>(((work + 31) / 32) * 32, kThreads));
+}
+
+// Shared memory of stage_row: T int32 links and T int16 depths.
+size_t row_smem(int64_t T) { return size_t(T) * (sizeof(int32_t) + sizeof(int16_t)); }
 
 // One block per batch row. The block stages links and matches in shared memory in parallel,
 // one thread scans the row (a parent always precedes its child), then the block writes the
@@ -32,7 +38,10 @@ __global__ void verify_kernel(const int64_t* __restrict__ draft, const int64_t* 
   const int64_t* d = draft + b * T;
   const int64_t* p = parents + b * T;
   const int64_t* q = predicted + b * T;
-  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) verify_node(j, d, p, q, link, match);
+  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) {
+    stage_link(j, p, link);
+    stage_match(j, d, q, link, match);  // reads only link[j], just written by this thread
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     best = verify_scan(T, link, match, max_depth, depth, accepted);
@@ -46,26 +55,40 @@ __global__ void verify_kernel(const int64_t* __restrict__ draft, const int64_t* 
     verify_write(k, depth[best], best, node_path, d, q, path + b * width, tokens + b * width);
 }
 
-__global__ void mask_kernel(const int64_t* __restrict__ parents, int64_t B, int64_t T,
+// Stages one row's links (in parallel) and depths (one thread) in shared memory: T int32 links,
+// then T int16 depths. Ends with the block synchronised.
+__device__ void stage_row(const int64_t* parents, int64_t T, int32_t* link, int16_t* depth) {
+  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) stage_link(j, parents, link);
+  __syncthreads();
+  if (threadIdx.x == 0) depth_scan(T, link, T, depth);
+  __syncthreads();
+}
+
+// One block per batch row; its threads cover the row's (node, word) pairs.
+__global__ void mask_kernel(const int64_t* __restrict__ parents, int64_t T,
                             uint8_t* __restrict__ mask) {
-  const int64_t words = (T + 31) / 32;
-  const int64_t n = B * T * words;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t w = t % words, r = t / words, b = r / T, i = r % T;
-    tree_mask_word(parents + b * T, T, i, w, mask + r * T);
+  extern __shared__ unsigned char smem[];
+  int32_t* link = reinterpret_cast<int32_t*>(smem);
+  int16_t* depth = reinterpret_cast<int16_t*>(link + T);
+  const int64_t b = blockIdx.x, words = (T + 31) / 32;
+  stage_row(parents + b * T, T, link, depth);
+  for (int64_t t = threadIdx.x; t < T * words; t += blockDim.x) {
+    const int64_t i = t / words, w = t % words;
+    tree_mask_word(link, depth, T, i, w, mask + (b * T + i) * T);
   }
 }
 
+// One block per batch row; its threads cover the row's nodes.
 __global__ void positions_kernel(const int64_t* __restrict__ parents,
-                                 const int64_t* __restrict__ prefix_len, int64_t B, int64_t T,
+                                 const int64_t* __restrict__ prefix_len, int64_t T,
                                  int64_t* __restrict__ positions) {
-  const int64_t n = B * T;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = t / T;
-    positions[t] = prefix_len[b] + node_depth(parents + b * T, t % T);
-  }
+  extern __shared__ unsigned char smem[];
+  int32_t* link = reinterpret_cast<int32_t*>(smem);
+  int16_t* depth = reinterpret_cast<int16_t*>(link + T);
+  const int64_t b = blockIdx.x;
+  stage_row(parents + b * T, T, link, depth);
+  for (int64_t i = threadIdx.x; i < T; i += blockDim.x)
+    positions[b * T + i] = prefix_len[b] + (depth[i] > 0 ? depth[i] : 0);
 }
 
 __global__ void pack_kernel(const uint8_t* __restrict__ mask, int64_t B, int64_t T,
@@ -78,7 +101,7 @@ __global__ void pack_kernel(const uint8_t* __restrict__ mask, int64_t B, int64_t
 }
 
 unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(fd_min<int64_t>(blocks_for(n), int64_t(1) << 16));
+  return static_cast<unsigned>(fd_min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
 }
 
 }  // namespace
@@ -88,25 +111,23 @@ void verify_cuda(const int64_t* draft, const int64_t* parents, const int64_t* pr
                  int64_t* path, int64_t* tokens, void* stream) {
   if (B == 0) return;
   const size_t smem = size_t(T) * (4 + 2 + 1 + 1) + size_t(max_depth + 1) * 4;
-  const int threads = static_cast<int>(fd_min<int64_t>(((T + 31) / 32) * 32, kThreads));
-  verify_kernel<<<static_cast<unsigned>(B), threads, smem, static_cast<cudaStream_t>(stream)>>>(
+  verify_kernel<<<static_cast<unsigned>(B), row_threads(T), smem, static_cast<cudaStream_t>(stream)>>>(
       draft, parents, predicted, T, max_depth, accept_len, best_node, path, tokens);
   check_launch("verify_tree");
 }
 
 void mask_cuda(const int64_t* parents, int64_t B, int64_t T, uint8_t* mask, void* stream) {
-  const int64_t n = B * T * ((T + 31) / 32);
-  if (n == 0) return;
-  mask_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(parents, B, T, mask);
+  if (B == 0) return;
+  mask_kernel<<<static_cast<unsigned>(B), row_threads(T * ((T + 31) / 32)), row_smem(T),
+                static_cast<cudaStream_t>(stream)>>>(parents, T, mask);
   check_launch("tree_mask");
 }
 
 void positions_cuda(const int64_t* parents, const int64_t* prefix_len, int64_t B, int64_t T,
                     int64_t* positions, void* stream) {
-  const int64_t n = B * T;
-  if (n == 0) return;
-  positions_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      parents, prefix_len, B, T, positions);
+  if (B == 0) return;
+  positions_kernel<<<static_cast<unsigned>(B), row_threads(T), row_smem(T),
+                     static_cast<cudaStream_t>(stream)>>>(parents, prefix_len, T, positions);
   check_launch("tree_positions");
 }
 

@@ -11,7 +11,7 @@
 namespace fastdecode {
 namespace tree {
 
-// Largest T any backend accepts (bounds the CUDA kernel's shared memory: 12 bytes per node).
+// Largest T any backend accepts (bounds the CUDA kernels' shared memory: at most 12 bytes a node).
 constexpr int64_t kMaxNodes = 2048;
 constexpr int32_t kNotANode = -2;
 
@@ -22,34 +22,43 @@ FD_HD int32_t link_of(const int64_t* parents, int64_t j) {
   return (p >= 0 && p < j) ? static_cast<int32_t>(p) : kNotANode;
 }
 
-// ---- verify_tree ---------------------------------------------------------------------------
-
-// One thread per node: its parent link, and whether its draft token equals the parent's
-// prediction.
-FD_HD void verify_node(int64_t j, const int64_t* draft, const int64_t* parents,
-                       const int64_t* predicted, int32_t* link, uint8_t* match) {
-  const int32_t p = link_of(parents, j);
-  link[j] = p;
-  match[j] = (p >= 0 && draft[j] == predicted[p]) ? 1 : 0;
+// One thread per node: its parent link (for verify_tree also whether its draft token equals
+// the parent's prediction). A row's links are staged once, then every pass reads them.
+FD_HD void stage_link(int64_t j, const int64_t* parents, int32_t* link) {
+  link[j] = link_of(parents, j);
 }
 
-// One thread per row, nodes in index order (a parent precedes its children). depth[j] is -1
-// for a non-node; nodes deeper than max_depth count as non-nodes. Returns the best node: the
-// deepest accepted one, the lowest index among equals.
+FD_HD void stage_match(int64_t j, const int64_t* draft, const int64_t* predicted,
+                       const int32_t* link, uint8_t* match) {
+  match[j] = (link[j] >= 0 && draft[j] == predicted[link[j]]) ? 1 : 0;
+}
+
+// depth[j] from its parent's (parents precede children): -1 for a non-node, which includes
+// nodes deeper than max_depth.
+FD_HD void depth_step(int64_t j, const int32_t* link, int64_t max_depth, int16_t* depth) {
+  const int32_t p = link[j];
+  depth[j] = (p >= 0 && depth[p] >= 0 && depth[p] < max_depth) ? static_cast<int16_t>(depth[p] + 1)
+                                                              : static_cast<int16_t>(-1);
+}
+
+// One thread per row: every node's depth (root 0, non-node -1).
+FD_HD void depth_scan(int64_t T, const int32_t* link, int64_t max_depth, int16_t* depth) {
+  depth[0] = 0;
+  for (int64_t j = 1; j < T; ++j) depth_step(j, link, max_depth, depth);
+}
+
+// ---- verify_tree ---------------------------------------------------------------------------
+
+// One thread per row, nodes in index order: depths and acceptance in one pass. Returns the
+// best node: the deepest accepted one, the lowest index among equals.
 FD_HD int32_t verify_scan(int64_t T, const int32_t* link, const uint8_t* match, int64_t max_depth,
                           int16_t* depth, uint8_t* accepted) {
   depth[0] = 0;
   accepted[0] = 1;
   int32_t best = 0;
   for (int64_t j = 1; j < T; ++j) {
-    const int32_t p = link[j];
-    if (p < 0 || depth[p] < 0 || depth[p] >= max_depth) {
-      depth[j] = -1;
-      accepted[j] = 0;
-      continue;
-    }
-    depth[j] = static_cast<int16_t>(depth[p] + 1);
-    accepted[j] = accepted[p] & match[j];
+    depth_step(j, link, max_depth, depth);
+    accepted[j] = depth[j] >= 0 && accepted[link[j]] && match[j];
     if (accepted[j] && depth[j] > depth[best]) best = static_cast<int32_t>(j);
   }
   return best;
@@ -71,36 +80,21 @@ FD_HD void verify_write(int64_t k, int64_t accept_len, int32_t best, const int32
 
 // ---- tree_mask / pack_tree_mask / tree_positions --------------------------------------------
 
-// Bits 0..31 of the ancestor-or-self row of node i, for key columns 32*w .. 32*w+31.
-// A non-node (or a descendant of one) sees only itself.
-FD_HD uint32_t ancestor_word(const int64_t* parents, int64_t i, int64_t w) {
+// Bits 0..31 of the ancestor-or-self row of node i, for key columns 32*w .. 32*w+31, from the
+// staged links and depths. A non-node sees only itself.
+FD_HD uint32_t ancestor_word(const int32_t* link, const int16_t* depth, int64_t i, int64_t w) {
   const int64_t lo = 32 * w;
+  if (depth[i] < 0) return (i >= lo && i < lo + 32) ? (1u << (i - lo)) : 0u;
   uint32_t bits = 0;
-  int64_t node = i;
-  while (true) {
+  for (int64_t node = i; node >= 0; node = link[node])
     if (node >= lo && node < lo + 32) bits |= 1u << (node - lo);
-    if (node == 0) return bits;
-    const int32_t p = link_of(parents, node);
-    if (p < 0) break;
-    node = p;
-  }
-  return (i >= lo && i < lo + 32) ? (1u << (i - lo)) : 0u;
-}
-
-// Depth of node i (root 0); 0 for a non-node or a descendant of one.
-FD_HD int64_t node_depth(const int64_t* parents, int64_t i) {
-  int64_t d = 0;
-  for (int64_t node = i; node != 0; ++d) {
-    const int32_t p = link_of(parents, node);
-    if (p < 0) return 0;
-    node = p;
-  }
-  return d;
+  return bits;
 }
 
 // One thread per (row i, word w) of the mask: writes mask[i, 32w .. min(32w+32, T)).
-FD_HD void tree_mask_word(const int64_t* parents, int64_t T, int64_t i, int64_t w, uint8_t* row) {
-  const uint32_t bits = ancestor_word(parents, i, w);
+FD_HD void tree_mask_word(const int32_t* link, const int16_t* depth, int64_t T, int64_t i,
+                          int64_t w, uint8_t* row) {
+  const uint32_t bits = ancestor_word(link, depth, i, w);
   const int64_t end = fd_min<int64_t>(32 * w + 32, T);
   for (int64_t j = 32 * w; j < end; ++j) row[j] = (bits >> (j - 32 * w)) & 1u;
 }

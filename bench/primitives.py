@@ -341,12 +341,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results folder (default "
                         "bench/results/<device slug>/)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the cpu backend's kernels are serial, "
+                        "and a serial baseline avoids thread-pool wake-up noise)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     plan = Plan(repeats=5, max_iters=10, target_s=0.005) if args.quick else Plan()
     rows = []
     for case in all_cases(device):

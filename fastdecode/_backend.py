@@ -131,6 +131,26 @@ def run(op: str, device: torch.device, *args: object) -> object:
     return select(op, device)[1](*args)
 
 
+def _plain(args: tuple) -> bool:
+    """Whether every tensor in ``args`` (lists included) is a plain eager torch.Tensor."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            if not _plain(tuple(a)):
+                return False
+        elif isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+            return False
+    return True
+
+
+def dispatch(op: str, custom_op: Callable, device: torch.device, *args: object) -> object:
+    """Runs ``op``: through its ``torch.library`` custom op while torch.compile traces or when a
+    tensor subclass (fake, functional) is involved, else straight to the selected backend,
+    which skips the custom-op dispatcher's cost (about 10 µs a call) in eager mode."""
+    if torch.compiler.is_compiling() or not _plain(args):
+        return custom_op(*args)
+    return run(op, device, *args)
+
+
 @contextlib.contextmanager
 def use_backend(name: str, ops: Iterable[str] | None = None) -> Iterator[None]:
     """Forces backend ``name`` inside the ``with`` block, for every op or only for ``ops``.

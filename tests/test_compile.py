@@ -34,3 +34,18 @@ def test_full_graph_compile_matches_eager(device):
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def test_fake_tensors_take_the_registered_fake_implementations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        parents = torch.empty(3, 7, dtype=torch.int64)
+        res = verify_tree(parents, parents, parents, max_depth=4, validate=False)
+        assert [tuple(t.shape) for t in res] == [(3,), (3,), (3, 5), (3, 5)]
+        mask = tree_mask(parents, validate=False)
+        assert mask.shape == (3, 7, 7) and mask.dtype == torch.bool
+        assert pack_tree_mask(mask).shape == (3, 7, 1)
+        prefix = torch.empty(3, dtype=torch.int64)
+        assert tree_positions(parents, prefix, validate=False).shape == (3, 7)
+        compact_kv([torch.empty(3, 2, 9, 4)], prefix, parents, prefix, validate=False)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from fastdecode import _native
-from fastdecode._backend import register, run
+from fastdecode._backend import dispatch, register, run
 from fastdecode.ops import _validate
 
 
@@ -137,7 +137,7 @@ def compact_kv(caches: Sequence[torch.Tensor] | object, start: torch.Tensor, src
     src, start, count = src.contiguous(), start.contiguous(), count.contiguous()
     if validate and B:
         _check_values(start, src, count, min((t.shape[2] for t in tensors), default=None))
-    torch.ops.fastdecode.compact_kv(tensors, start, src, count)
+    dispatch("compact_kv", _compact_kv_op, start.device, tensors, start, src, count)
 
 
 def _check_values(start: torch.Tensor, src: torch.Tensor, count: torch.Tensor,

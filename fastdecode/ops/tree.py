@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from fastdecode import _native
-from fastdecode._backend import register, run
+from fastdecode._backend import dispatch, register, run
 from fastdecode.ops import _validate
 
 MAX_TREE_NODES = 2048
@@ -337,8 +337,8 @@ def verify_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, predicted: to
             raise ValueError(f"max_depth must be >= the tree's depth {deepest}, found {max_depth}")
     elif max_depth is None:
         raise ValueError("max_depth is required when validate=False (it sizes the outputs)")
-    out = torch.ops.fastdecode.verify_tree(draft_tokens.contiguous(), parents,
-                                           predicted.contiguous(), max_depth)
+    out = dispatch("verify_tree", _verify_tree_op, parents.device, draft_tokens.contiguous(),
+                   parents, predicted.contiguous(), max_depth)
     return VerifyResult(*out)
 
 
@@ -357,7 +357,7 @@ def tree_mask(parents: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     parents = _check_parents(parents)
     if validate:
         _check_tree_values(parents)
-    return torch.ops.fastdecode.tree_mask(parents)
+    return dispatch("tree_mask", _tree_mask_op, parents.device, parents)
 
 
 def tree_positions(parents: torch.Tensor, prefix_len: int | torch.Tensor, *,
@@ -387,7 +387,7 @@ def tree_positions(parents: torch.Tensor, prefix_len: int | torch.Tensor, *,
                             dtype=torch.int64, device=parents.device)
     if validate:
         _check_tree_values(parents)
-    return torch.ops.fastdecode.tree_positions(parents, prefix)
+    return dispatch("tree_positions", _tree_positions_op, parents.device, parents, prefix)
 
 
 def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -405,4 +405,4 @@ def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
     _validate.shape("mask", mask, (B, T, T), "[B, T, T]")
     if not 1 <= T <= MAX_TREE_NODES:
         raise ValueError(f"mask must have T in [1, {MAX_TREE_NODES}], found shape {tuple(mask.shape)}")
-    return torch.ops.fastdecode.pack_tree_mask(mask.contiguous())
+    return dispatch("pack_tree_mask", _pack_tree_mask_op, mask.device, mask.contiguous())

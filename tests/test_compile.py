@@ -49,3 +49,37 @@ def test_fake_tensors_take_the_registered_fake_implementations():
         prefix = torch.empty(3, dtype=torch.int64)
         assert tree_positions(parents, prefix, validate=False).shape == (3, 7)
         compact_kv([torch.empty(3, 2, 9, 4)], prefix, parents, prefix, validate=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graph_capture_and_replay():
+    """One tree step captured in a CUDA graph replays correctly on new inputs (no host sync,
+    no allocation outside the graph's pool)."""
+    dev = "cuda"
+    parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -2]], device=dev)
+    draft = torch.tensor([[1, 2, 3, 4], [1, 5, 6, 0]], device=dev)
+    predicted = torch.tensor([[2, 4, 0, 9], [5, 6, 7, 0]], device=dev)
+    prefix = torch.tensor([3, 5], device=dev)
+    k, v = torch.randn(2, 2, 9, 4, device=dev), torch.randn(2, 2, 9, 4, device=dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, on copies
+        step(draft, parents, predicted, prefix, k.clone(), v.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    k0, v0 = k.clone(), v.clone()
+    with torch.cuda.graph(graph):
+        out = step(draft, parents, predicted, prefix, k, v)
+    for trial in range(2):
+        predicted.copy_(torch.tensor([[2, 4, 0, 9], [7, 6, 7, 0]], device=dev) if trial else
+                        torch.tensor([[2, 4, 0, 9], [5, 6, 7, 0]], device=dev))
+        k.copy_(k0)
+        v.copy_(v0)
+        graph.replay()
+        k2, v2 = k0.clone(), v0.clone()
+        want = step(draft, parents, predicted, prefix, k2, v2)
+        torch.cuda.synchronize()
+        for g, w in zip(out, want):
+            assert torch.equal(g, w)
+        assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -1,0 +1,79 @@
+"""The interface between the decoding loop and the strategies that propose drafts.
+
+Every step the loop asks the drafter for a draft tree rooted at each row's last token, runs it
+through the model in one forward, verifies it, and tells the drafter what happened.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from fastdecode.ops import VerifyResult
+
+
+class Draft(NamedTuple):
+    """One step's input, per batch row (all int64 ``[B, T]`` on the model's device).
+
+    tokens: node 0 is the row's last accepted token (its KV is not cached yet).
+    parents: the tree the forward sees (each node attends to its ancestors and the prefix).
+    verify_parents: the tree verification may accept along: a sub-forest of ``parents`` with
+        distinct tokens among siblings, -2 for nodes that are not drafts (e.g. window tokens).
+    max_depth: an upper bound on the depth of ``verify_parents``.
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    verify_parents: torch.Tensor
+    max_depth: int
+
+
+class History(NamedTuple):
+    """Each row's tokens so far: ``tokens [B, cap]`` (left-padded prompt, then the generated
+    tokens), with the real tokens of row b in ``[start[b], end[b])``; ``new_from[b]`` is where
+    this step's tokens begin. Index tensors are int64 ``[B]`` on the model's device."""
+
+    tokens: torch.Tensor
+    start: torch.Tensor
+    new_from: torch.Tensor
+    end: torch.Tensor
+
+
+class Drafter(Protocol):
+    """A draft strategy for :func:`fastdecode.decoding.loop.decode`."""
+
+    def start(self, history: History) -> None:
+        """Called once, after the prefill, with the prompts (and the first generated token)."""
+
+    def propose(self, last: torch.Tensor) -> Draft:
+        """The step's draft trees for the rows' last tokens ``last`` (int64 ``[B]``)."""
+
+    def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
+                history: History) -> None:
+        """After verification: the step's logits ``[B, T, V]``, what was accepted, and the
+        history including the step's new tokens."""
+
+    def stats(self) -> dict:
+        """Counters to report in :class:`fastdecode.decoding.generate.GenerateStats`."""
+
+
+class NoDraft:
+    """Plain autoregressive decoding: every step's tree is the last token alone."""
+
+    def __init__(self) -> None:
+        self._parents: torch.Tensor | None = None
+
+    def start(self, history: History) -> None:
+        B = history.tokens.shape[0]
+        self._parents = torch.full((B, 1), -1, dtype=torch.int64, device=history.tokens.device)
+
+    def propose(self, last: torch.Tensor) -> Draft:
+        return Draft(last[:, None], self._parents, self._parents, 0)
+
+    def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
+                history: History) -> None:
+        return None
+
+    def stats(self) -> dict:
+        return {}

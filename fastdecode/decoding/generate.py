@@ -1,0 +1,137 @@
+"""``fastdecode.generate``: exact decoding of transformers causal LMs, plain or with lookahead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.decoding.drafter import Drafter, NoDraft
+from fastdecode.decoding.loop import GenerateStats, decode
+from fastdecode.decoding.sampling import SamplingConfig
+from fastdecode.hf.model import TreeRunner
+
+STRATEGIES = ("greedy", "sample", "jacobi")
+
+
+@dataclass
+class GenerateOutput:
+    """sequences: int64 ``[B, L + n]``, laid out as transformers' ``generate`` returns them
+    (the prompts as given, then the new tokens, finished rows padded with the pad token).
+    stats: see :class:`fastdecode.decoding.loop.GenerateStats`."""
+
+    sequences: torch.Tensor
+    stats: GenerateStats
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, found {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, found {value}")
+    return value
+
+
+def _left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the prompts and their mask; right-padded rows are moved to the left padding
+    transformers uses for decoder-only models."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64:
+        raise TypeError(f"input_ids must be an int64 tensor, found "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape [B, L] with B, L >= 1, found "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"found {tuple(getattr(attention_mask, 'shape', ()))}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on "
+                         f"{input_ids.device}")
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    lengths = mask.sum(-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("attention_mask leaves a row with no tokens")
+    L = input_ids.shape[1]
+    cols = torch.arange(L, device=input_ids.device)
+    left = cols >= (L - lengths)[:, None]
+    if torch.equal(mask.bool(), left):
+        return input_ids, mask
+    # Not left-padded: gather each row's real tokens, in order, to the right end.
+    order = torch.sort(mask, dim=-1, stable=True).indices
+    moved = input_ids.gather(1, order)
+    return torch.where(left, moved, pad_id), left.long()
+
+
+def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_new_tokens: int,
+             attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             window: int = 7, ngram: int = 5, guesses: int = 7, pool_from_prompt: bool = True,
+             config: str | None = None, streamer=None) -> GenerateOutput:
+    """Generates with ``model`` (a transformers causal LM), exactly.
+
+    Args:
+        model: Llama, Qwen2, GPT-2 or another transformers causal LM on the attention
+            interface, with ``attn_implementation`` "sdpa", "eager" or "fastdecode".
+        input_ids: int64 ``[B, L]`` prompts on the model's device; padded rows need
+            ``attention_mask`` (left padding as transformers expects; right padding is moved).
+        strategy: "greedy" and "sample" (plain decoding, one token a step) or "jacobi"
+            (lookahead decoding: a W x (N-1) Jacobi window and an n-gram pool, several tokens
+            a step; greedy or sampling as ``do_sample`` says).
+        max_new_tokens: the most new tokens per row.
+        eos_token_id: token(s) that end a row (kept in the output); default: the model's
+            generation config.
+        do_sample, temperature, top_k, top_p, generator: sampling (``strategy="sample"``
+            implies ``do_sample=True``). Every emitted token is drawn from the processed
+            distribution; seeded runs are reproducible but not token-identical to
+            transformers' sampling.
+        window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0.
+        pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
+        config: None for the given settings, or "auto" to choose (W, N, G) for this device.
+        streamer: an object with transformers' streamer interface (``put``/``end``); it
+            receives the prompts, then one token per row at a time (``[B]``, pad for rows
+            that are done).
+
+    Returns:
+        :class:`GenerateOutput` with ``sequences`` and ``stats``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, found {strategy!r}")
+    _int("max_new_tokens", max_new_tokens, 0)
+    W, N, G = _int("window", window, 1), _int("ngram", ngram, 2), _int("guesses", guesses, 0)
+    if config not in (None, "auto"):
+        raise ValueError(f"config must be None or 'auto', found {config!r}")
+    sampling = SamplingConfig(do_sample=do_sample or strategy == "sample", temperature=temperature,
+                              top_k=top_k, top_p=top_p)
+    runner = TreeRunner(model)
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    eos_ids = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad_id = getattr(gen_cfg, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+    device = model.get_output_embeddings().weight.device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    ids, mask = _left_padded(input_ids, attention_mask, pad_id)
+
+    drafter: Drafter
+    if strategy == "jacobi":
+        from fastdecode.decoding.jacobi import JacobiDrafter
+
+        drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
+                                auto=config == "auto", generator=generator)
+    else:
+        drafter = NoDraft()
+    sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,
+                              eos_ids=eos_ids, pad_id=pad_id, sampling=sampling,
+                              generator=generator, streamer=streamer)
+    if not torch.equal(ids, input_ids):
+        sequences[:, : input_ids.shape[1]] = input_ids
+    return GenerateOutput(sequences, stats)

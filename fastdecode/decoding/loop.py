@@ -1,0 +1,162 @@
+"""The one decoding loop every strategy runs: propose a draft tree, run it in one forward,
+choose each node's token, verify, commit the accepted KV, let the drafter observe, stop.
+
+Exactness: the emitted tokens of a step are the predictions along the accepted path, so greedy
+decoding reproduces plain greedy decoding token for token, and sampling draws every emitted
+token from the model's processed distribution given exactly the tokens before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdecode.decoding.drafter import Drafter, History
+from fastdecode.decoding.sampling import SamplingConfig, choose_tokens
+from fastdecode.hf.model import TreeRunner
+from fastdecode.ops import verify_tree
+
+
+@dataclass
+class GenerateStats:
+    """What a generate call did.
+
+    steps: model forwards, the prefill included. new_tokens: tokens emitted over all rows.
+    mean_accepted: mean tokens emitted per (row, step) while the row was running, the prefill
+    included. accepted_hist: {tokens emitted in one step by one row: how often}.
+    forward_s: seconds in the model's forwards; overhead_s: everything else of the call (the
+    drafter, masks, verification, KV commits, bookkeeping). drafter: the drafter's counters
+    (for jacobi: pool lookups that found candidates, steps that accepted pool tokens, ...).
+    """
+
+    steps: int = 0
+    new_tokens: int = 0
+    mean_accepted: float = 0.0
+    accepted_hist: dict[int, int] = field(default_factory=dict)
+    forward_s: float = 0.0
+    overhead_s: float = 0.0
+    drafter: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.forward_s + self.overhead_s
+        return self.new_tokens / total if total > 0 else 0.0
+
+
+class _ForwardClock:
+    """Times model forwards: host time on the CPU, CUDA events on a GPU (read once at the end,
+    so timing adds no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host_s = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __call__(self, fn, *args):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            end.record()
+            self.events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.host_s += time.perf_counter() - t0
+        return out
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        return self.host_s
+
+
+@torch.no_grad()
+def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
+           attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
+           pad_id: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
+           streamer=None) -> tuple[torch.Tensor, GenerateStats]:
+    """Decodes left-padded prompts ``input_ids [B, L]`` (``attention_mask`` 1 on real tokens).
+
+    Returns ``sequences [B, L + n]`` (the prompts as given, then each row's new tokens, rows
+    that stopped early padded with ``pad_id``; n is the longest row's count) and the stats.
+    A row stops after an EOS token (kept) or ``max_new_tokens`` tokens.
+    """
+    t_call = time.perf_counter()
+    device = input_ids.device
+    B, L = input_ids.shape
+    clock = _ForwardClock(device)
+    stats = GenerateStats()
+    hist: Counter = Counter()
+    seq = torch.full((B, L + max_new_tokens + 1), pad_id, dtype=torch.int64, device=device)
+    seq[:, :L] = input_ids
+    produced = [0] * B
+    done = [max_new_tokens == 0] * B
+    eos = set(eos_ids)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    def emit(candidates: list[list[int]]) -> list[int]:
+        """Appends each running row's tokens up to EOS or the budget; returns the counts."""
+        counts = []
+        for b, toks in enumerate(candidates):
+            if done[b]:
+                counts.append(0)
+                continue
+            take = toks[: max_new_tokens - produced[b]]
+            for i, t in enumerate(take):
+                if t in eos:
+                    take = take[: i + 1]
+                    break
+            seq[b, L + produced[b]: L + produced[b] + len(take)] = torch.tensor(take, device=device)
+            produced[b] += len(take)
+            done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
+            counts.append(len(take))
+            hist[len(take)] += 1
+        if streamer is not None:
+            for i in range(max(counts, default=0)):
+                column = [seq[b, L + produced[b] - counts[b] + i].item() if i < counts[b] else pad_id
+                          for b in range(B)]
+                streamer.put(torch.tensor(column))
+        return counts
+
+    if max_new_tokens > 0:
+        logits = clock(runner.prefill, input_ids, attention_mask)
+        stats.steps = 1
+        last = choose_tokens(logits[:, None], sampling, generator)[:, 0]
+        emit([[t] for t in last.tolist()])
+        start = runner.kv_start
+        drafter.start(History(seq, start, torch.full_like(start, L),
+                              torch.tensor([L + p for p in produced], device=device)))
+    while not all(done):
+        draft = drafter.propose(last)
+        logits = clock(runner.forward, draft.tokens, draft.parents)
+        stats.steps += 1
+        predicted = choose_tokens(logits, sampling, generator)
+        result = verify_tree(draft.tokens, draft.verify_parents, predicted,
+                             max_depth=draft.max_depth, validate=False)
+        count = result.accept_len + 1
+        accepted = result.tokens.tolist()
+        lengths = count.tolist()
+        before = [L + p for p in produced]
+        emit([row[:n] for row, n in zip(accepted, lengths)])
+        runner.commit(result.path, count, lengths)
+        last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]
+        drafter.observe(draft, logits, result,
+                        History(seq, runner.kv_start, torch.tensor(before, device=device),
+                                torch.tensor([L + p for p in produced], device=device)))
+    if streamer is not None:
+        streamer.end()
+
+    stats.new_tokens = sum(produced)
+    stats.accepted_hist = dict(sorted(hist.items()))
+    runs = sum(hist.values())
+    stats.mean_accepted = sum(k * v for k, v in hist.items()) / runs if runs else 0.0
+    stats.forward_s = clock.seconds()
+    stats.overhead_s = time.perf_counter() - t_call - stats.forward_s
+    stats.drafter = drafter.stats()
+    return seq[:, : L + max(produced, default=0)], stats

@@ -1,0 +1,58 @@
+"""Choosing each tree node's token from the model's logits: the argmax (greedy), or one
+independent draw per node from the processed distribution (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen. ``do_sample=False`` is greedy; otherwise logits are divided by
+    ``temperature``, then restricted to the ``top_k`` most likely tokens and to the smallest
+    set whose probability reaches ``top_p`` (as transformers' warpers do), then sampled."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, found {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, found {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], found {self.top_p!r}")
+
+
+def processed_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to fp32 ``logits [..., V]``; removed tokens get
+    -inf. The top-p rule keeps the most likely tokens up to and including the one whose
+    cumulative probability first reaches ``top_p``."""
+    x = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < x.shape[-1]:
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_x.softmax(-1)) >= cfg.top_p  # mass before this token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per position of ``logits [B, T, V]``: int64 ``[B, T]``. When sampling, every
+    position draws independently (one multinomial per node), which keeps tree verification
+    exact (see fastdecode.ops.verify_tree)."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    B, T, V = logits.shape
+    probs = processed_logits(logits, cfg).softmax(-1).view(B * T, V)
+    return torch.multinomial(probs, 1, generator=generator).view(B, T)

@@ -1,0 +1,9 @@
+"""The only transformers-aware code: the ``fastdecode`` attention implementation and running a
+causal LM one draft tree at a time. Importing this package registers the attention."""
+
+from fastdecode.hf.attention import register
+from fastdecode.hf.model import TreeRunner, TreeStep, check_model
+
+register()
+
+__all__ = ["TreeRunner", "TreeStep", "check_model", "register"]

@@ -1,0 +1,140 @@
+"""Running a transformers causal LM one draft tree at a time: prefill, tree forwards against a
+per-row KV cache, and committing the accepted path's KV in place.
+
+Cache layout: one transformers ``DynamicCache`` of physical length S shared by the batch. Row b's
+valid keys are rows ``[kv_start[b], kv_len[b])`` (``kv_start`` skips left padding); rows past
+``kv_len[b]`` may hold stale entries of other rows' longer acceptances and are never attended.
+A tree step appends its T tokens at rows ``S .. S+T-1`` for every batch row.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+
+from fastdecode.ops import compact_kv, pack_tree_mask, tree_mask, tree_positions
+
+SUPPORTED_ATTENTION = ("fastdecode", "sdpa", "eager")
+
+
+class TreeStep(NamedTuple):
+    """What the ``fastdecode`` attention reads during a tree step (the model receives it as the
+    keyword argument ``fastdecode_tree``): per-row prefix ranges ``kv_start``/``kv_len`` (int64
+    ``[B]``), the first cache row of the step's tokens ``seg_start``, and the step's packed tree
+    mask (int32 ``[B, T, ceil(T/32)]``)."""
+
+    kv_start: torch.Tensor
+    kv_len: torch.Tensor
+    seg_start: int
+    packed_mask: torch.Tensor
+
+
+def check_model(model: object) -> None:
+    """Raises a clear error when ``model`` cannot run tree steps (custom masks and a cache)."""
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, found {name}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(
+            f"{name} cannot take custom attention masks: fastdecode needs a causal LM built on "
+            "transformers' attention interface (Llama, Qwen2, GPT-2 and most recent models)"
+        )
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(f"{name} has no language-model head; pass a *ForCausalLM model")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError(f"{name} is an encoder-decoder model; fastdecode decodes causal LMs")
+    impl = model.config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{name} uses attn_implementation={impl!r}; tree steps need one of "
+            f"{', '.join(SUPPORTED_ATTENTION)} (load it with attn_implementation='sdpa')"
+        )
+
+
+def _new_cache(model) -> object:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # releases whose DynamicCache takes no config
+        return DynamicCache()
+
+
+class TreeRunner:
+    """One batch of sequences of one model: prefill, tree forwards and KV commits."""
+
+    def __init__(self, model) -> None:
+        check_model(model)
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache = None
+        self.kv_start: torch.Tensor | None = None
+        self.kv_len: torch.Tensor | None = None
+        self.kv_len_host: list[int] = []
+        self._masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        """The cache's physical length S."""
+        return max(self.kv_len_host)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Runs the left-padded prompts ``[B, L]`` (mask 1 on real tokens) and returns the last
+        position's logits ``[B, V]``. The last prompt token's KV is kept, like any prefix."""
+        B, L = input_ids.shape
+        self.cache = _new_cache(self.model)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions, use_cache=True,
+                         **{self._cache_kw: self.cache})
+        self.kv_start = (L - attention_mask.long().sum(-1)).to(input_ids.device)
+        self.kv_len = torch.full((B,), L, dtype=torch.int64, device=input_ids.device)
+        self.kv_len_host = [L] * B
+        return out.logits[:, -1]
+
+    def _tree_masks(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(parents, bool mask, packed mask) of a tree, reused while a drafter passes the same
+        parents tensor again."""
+        if self._masks is None or self._masks[0] is not parents:
+            mask = tree_mask(parents, validate=False)
+            self._masks = (parents, mask, pack_tree_mask(mask))
+        return self._masks
+
+    def forward(self, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """One forward of a draft tree per row: ``tokens``/``parents`` int64 ``[B, T]`` (node 0
+        is each row's last token, whose KV is not cached yet). Node j sits at position
+        ``len(row) + depth(j)`` and attends to the row's prefix and its own ancestors. Returns
+        logits ``[B, T, V]``; the cache grows by T rows."""
+        B, T = tokens.shape
+        S = self.seq_len
+        _, mask, packed = self._tree_masks(parents)
+        positions = tree_positions(parents, self.kv_len - self.kv_start, validate=False)
+        kwargs = {self._cache_kw: self.cache, "use_cache": True, "position_ids": positions}
+        if self.model.config._attn_implementation == "fastdecode":
+            kwargs["fastdecode_tree"] = TreeStep(self.kv_start, self.kv_len, S, packed)
+        else:
+            keys = torch.arange(S, device=tokens.device)
+            prefix = (keys >= self.kv_start[:, None]) & (keys < self.kv_len[:, None])
+            allowed = torch.cat([prefix[:, None, :].expand(B, T, S), mask], dim=-1)
+            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
+            kwargs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return self.model(input_ids=tokens, **kwargs).logits
+
+    def commit(self, path: torch.Tensor, count: torch.Tensor, count_host: list[int]) -> None:
+        """Keeps, per row, the KV of the tree nodes ``path[b, :count[b]]`` (root first), moved
+        right after the row's prefix, and drops the rest of the step's KV.
+
+        path: int64 ``[B, D+1]`` node indices (-1 past count); count: int64 ``[B]`` on the
+        device and the same values on the host (``count_host``)."""
+        S = self.seq_len
+        src = (S - self.kv_len)[:, None] + path.clamp(min=0)
+        compact_kv(self.cache, self.kv_len, src, count, validate=False)
+        self.kv_len = self.kv_len + count
+        self.kv_len_host = [n + c for n, c in zip(self.kv_len_host, count_host)]
+        self.cache.crop(self.seq_len - self.cache.get_seq_length())

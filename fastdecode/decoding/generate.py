@@ -126,7 +126,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
         from fastdecode.decoding.jacobi import JacobiDrafter
 
         drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
-                                auto=config == "auto", generator=generator)
+                                generator=generator)
     else:
         drafter = NoDraft()
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,

@@ -100,6 +100,20 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
+    streamed = 0
+
+    def stream(final: bool = False) -> None:
+        """Puts every output column that all rows have reached (finished rows hold pad), so
+        the streamer sees exactly the columns of ``sequences``, in order."""
+        nonlocal streamed
+        if streamer is None:
+            return
+        running = [p for p, d in zip(produced, done) if not d]
+        ready = max(produced, default=0) if final or not running else min(running)
+        for i in range(streamed, ready):
+            streamer.put(seq[:, L + i].cpu())
+        streamed = max(streamed, ready)
+
     def emit(candidates: list[list[int]]) -> list[int]:
         """Appends each running row's tokens up to EOS or the budget; returns the counts."""
         counts = []
@@ -117,11 +131,7 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
             done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
             counts.append(len(take))
             hist[len(take)] += 1
-        if streamer is not None:
-            for i in range(max(counts, default=0)):
-                column = [seq[b, L + produced[b] - counts[b] + i].item() if i < counts[b] else pad_id
-                          for b in range(B)]
-                streamer.put(torch.tensor(column))
+        stream()
         return counts
 
     if max_new_tokens > 0:
@@ -150,6 +160,7 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
                         History(seq, runner.kv_start, torch.tensor(before, device=device),
                                 torch.tensor([L + p for p in produced], device=device)))
     if streamer is not None:
+        stream(final=True)
         streamer.end()
 
     stats.new_tokens = sum(produced)

@@ -191,6 +191,31 @@ def test_bad_types_shapes_devices():
              caches=[torch.zeros(1, 1, 10, 1, device="meta")])
 
 
+def test_aliased_caches_are_rejected():
+    k = torch.zeros(1, 1, 10, 4)
+    bad_call(r"caches\[0\] and caches\[1\] share memory", caches=[k, k])
+    buf = torch.zeros(2, 1, 10, 4)
+    bad_call(r"caches\[0\] and caches\[1\] share memory", caches=[buf[:1], buf[:2, :, :, :2][:1]])
+    bad_call("overlaps itself", caches=[torch.zeros(1, 1, 1, 4).expand(1, 1, 10, 4)])
+    compact_kv([buf[:1], buf[1:]], torch.tensor([2]), torch.tensor([[0, 1]]), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unvalidated_bad_indices_stay_in_bounds(device):
+    """validate=False: source or destination rows outside the cache are skipped and count is
+    clamped to src's width, on every backend (here checked to leave guard rows untouched)."""
+    for backend in BACKENDS_ON[device]:
+        if backend == "cpu":
+            continue  # the C++ entry point always re-checks CPU values (test_native_checks_again)
+        buf = torch.arange(3 * 12, dtype=torch.float32, device=device).view(3, 1, 12, 1)
+        inner = buf[1:2]
+        with fastdecode.use_backend(backend):
+            compact_kv([inner], ints([10], device), ints([[0, 0, 5, 1]], device),
+                       ints([99], device), validate=False)
+        assert torch.equal(buf[0], torch.arange(12.0, device=device).view(1, 12, 1))
+        assert torch.equal(buf[2], torch.arange(24.0, 36.0, device=device).view(1, 12, 1))
+
+
 def test_native_checks_again():
     from fastdecode import _native
 

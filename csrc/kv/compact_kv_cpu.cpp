@@ -17,7 +17,7 @@ void compact_cpu_unit(const std::vector<TensorDesc>& descs, int64_t B, const int
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < t.heads; ++h)
         compact_slice<Unit>(t.base + b * t.stride_b + h * t.stride_h, t.stride_s, t.stride_col,
-                            t.cols, t.seq, start[b], src + b * src_width, count[b]);
+                            t.cols, t.seq, start[b], src + b * src_width, src_width, count[b]);
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ __global__ void compact_kernel(const __grid_constant__ TensorTable table, int64_
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = idx % t.cols, bh = idx / t.cols, h = bh % t.heads, b = bh / t.heads;
     compact_slice<Unit>(t.base + b * t.stride_b + h * t.stride_h + c * t.stride_col, t.stride_s,
-                        t.stride_col, 1, t.seq, start[b], src + b * src_width, count[b]);
+                        t.stride_col, 1, t.seq, start[b], src + b * src_width, src_width, count[b]);
   }
 }
 

@@ -14,6 +14,7 @@ namespace tree {
 // Largest T any backend accepts (bounds the CUDA kernels' shared memory: at most 12 bytes a node).
 constexpr int64_t kMaxNodes = 2048;
 constexpr int32_t kNotANode = -2;
+static_assert(kMaxNodes <= 32767, "depths are stored as int16");
 
 // The parent of node j, -1 for the root, kNotANode where parents[j] breaks the tree rules.
 FD_HD int32_t link_of(const int64_t* parents, int64_t j) {
@@ -86,8 +87,9 @@ FD_HD uint32_t ancestor_word(const int32_t* link, const int16_t* depth, int64_t 
   const int64_t lo = 32 * w;
   if (depth[i] < 0) return (i >= lo && i < lo + 32) ? (1u << (i - lo)) : 0u;
   uint32_t bits = 0;
-  for (int64_t node = i; node >= 0; node = link[node])
-    if (node >= lo && node < lo + 32) bits |= 1u << (node - lo);
+  // Ancestors have smaller indices: stop once the walk drops below this word's columns.
+  for (int64_t node = i; node >= lo; node = link[node])
+    if (node < lo + 32) bits |= 1u << (node - lo);
   return bits;
 }
 

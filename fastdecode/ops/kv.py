@@ -134,10 +134,31 @@ def compact_kv(caches: Sequence[torch.Tensor] | object, start: torch.Tensor, src
                             "elements")
         named.append((name, t))
     _validate.same_device(named)
+    _check_no_aliasing(tensors)
     src, start, count = src.contiguous(), start.contiguous(), count.contiguous()
     if validate and B:
         _check_values(start, src, count, min((t.shape[2] for t in tensors), default=None))
     dispatch("compact_kv", _compact_kv_op, start.device, tensors, start, src, count)
+
+
+def _check_no_aliasing(tensors: list[torch.Tensor]) -> None:
+    """In-place moves in parallel need every cache tensor to own its bytes: no tensor twice, no
+    two tensors over the same memory, no tensor overlapping itself (e.g. an expanded one)."""
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        overlap = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 not decidable cheaply
+        if overlap == 1 or (overlap == 2 and any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))):
+            raise ValueError(f"caches[{i}] overlaps itself (e.g. an expanded tensor); pass a "
+                             "tensor that owns its memory")
+        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size(), i))
+    spans.sort()
+    for (_, end, i), (begin, _, j) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"caches[{min(i, j)}] and caches[{max(i, j)}] share memory; each "
+                             "cache tensor must be passed once and own its memory")
 
 
 def _check_values(start: torch.Tensor, src: torch.Tensor, count: torch.Tensor,

@@ -13,6 +13,7 @@
 
 #include "common/check.h"
 #include "kv/compact_kv_ops.h"
+#include "ngram/pool_ops.h"
 #include "tree/tree_logic.h"
 #include "tree/tree_ops.h"
 
@@ -110,11 +111,29 @@ void check_kv_values(const KVArgs& args, int64_t B, const int64_t* start, const 
   }
 }
 
+// The n-gram pool tokens [B, V, G, W] int32 and count [B, V] int32, checked.
+fastdecode::ngram::Pool ngram_pool(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G,
+                                   int64_t W) {
+  require(B >= 0, "B must be >= 0, found " + std::to_string(B));
+  require(V >= 1 && V <= INT32_MAX,
+          "V must be in [1, 2^31 - 1] (tokens are stored as int32), found " + std::to_string(V));
+  require(G >= 0, "G must be >= 0, found " + std::to_string(G));
+  require(W >= 1, "W = N - 1 must be >= 1, found " + std::to_string(W));
+  require_ptr(tokens, B * V * G * W, "tokens");
+  require_ptr(count, B * V, "count");
+  return fastdecode::ngram::Pool{as<int32_t>(tokens), as<int32_t>(count), V, G, W};
+}
+
+void check_ngram_sizes(int64_t n, const char* name) {
+  require(n >= 0, std::string(name) + " must be >= 0, found " + std::to_string(n));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   namespace tree = fastdecode::tree;
   namespace kv = fastdecode::kv;
+  namespace ngram = fastdecode::ngram;
   m.doc() = "fastdecode native kernels (pointer-level API; use fastdecode.ops instead)";
   m.attr("max_tree_nodes") = tree::kMaxNodes;
   m.attr("max_tensors_per_launch") = kv::kMaxTensorsPerLaunch;
@@ -170,6 +189,52 @@ PYBIND11_MODULE(_C, m) {
         },
         nogil);
 
+  m.def("ngram_insert_cpu",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+           Ptr values, Ptr valid, int64_t M) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(M, "M");
+          require_ptr(keys, B * M, "keys");
+          require_ptr(values, B * M, "values");
+          ngram::insert_cpu(pool, B, M, as<const int64_t>(keys), as<const int64_t>(values),
+                            as<const uint8_t>(valid));
+        },
+        nogil);
+  m.def("ngram_harvest_cpu",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr window,
+           Ptr new_tokens, int64_t width) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(width, "width");
+          require_ptr(window, B * width, "window");
+          require_ptr(new_tokens, B * width, "new_tokens");
+          ngram::harvest_cpu(pool, B, width, as<const int64_t>(window),
+                             as<const int64_t>(new_tokens));
+        },
+        nogil);
+  m.def("ngram_insert_sequence_cpu",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr seq, int64_t L,
+           Ptr start, Ptr end) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(L, "L");
+          require_ptr(seq, B * L, "tokens");
+          require_ptr(start, B, "start");
+          require_ptr(end, B, "end");
+          ngram::insert_sequence_cpu(pool, B, L, as<const int64_t>(seq), as<const int64_t>(start),
+                                     as<const int64_t>(end));
+        },
+        nogil);
+  m.def("ngram_lookup_cpu",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+           Ptr candidates, Ptr out_count) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          require_ptr(keys, B, "keys");
+          require_ptr(candidates, B * G, "candidates");
+          require_ptr(out_count, B, "out_count");
+          ngram::lookup_cpu(pool, B, as<const int64_t>(keys), as<int64_t>(candidates),
+                            as<int64_t>(out_count));
+        },
+        nogil);
+
 #ifdef FASTDECODE_WITH_CUDA
   m.def("verify_tree_cuda",
         [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
@@ -211,6 +276,52 @@ PYBIND11_MODULE(_C, m) {
           kv::compact_cuda(args.descs, args.unit, B, as<const int64_t>(start),
                            as<const int64_t>(src), src_width, as<const int64_t>(count),
                            as<void>(stream));
+        },
+        nogil);
+  m.def("ngram_insert_cuda",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+           Ptr values, Ptr valid, int64_t M, Ptr stream) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(M, "M");
+          require_ptr(keys, B * M, "keys");
+          require_ptr(values, B * M, "values");
+          ngram::insert_cuda(pool, B, M, as<const int64_t>(keys), as<const int64_t>(values),
+                             as<const uint8_t>(valid), as<void>(stream));
+        },
+        nogil);
+  m.def("ngram_harvest_cuda",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr window,
+           Ptr new_tokens, int64_t width, Ptr stream) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(width, "width");
+          require_ptr(window, B * width, "window");
+          require_ptr(new_tokens, B * width, "new_tokens");
+          ngram::harvest_cuda(pool, B, width, as<const int64_t>(window),
+                              as<const int64_t>(new_tokens), as<void>(stream));
+        },
+        nogil);
+  m.def("ngram_insert_sequence_cuda",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr seq, int64_t L,
+           Ptr start, Ptr end, Ptr stream) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          check_ngram_sizes(L, "L");
+          require_ptr(seq, B * L, "tokens");
+          require_ptr(start, B, "start");
+          require_ptr(end, B, "end");
+          ngram::insert_sequence_cuda(pool, B, L, as<const int64_t>(seq),
+                                      as<const int64_t>(start), as<const int64_t>(end),
+                                      as<void>(stream));
+        },
+        nogil);
+  m.def("ngram_lookup_cuda",
+        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+           Ptr candidates, Ptr out_count, Ptr stream) {
+          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
+          require_ptr(keys, B, "keys");
+          require_ptr(candidates, B * G, "candidates");
+          require_ptr(out_count, B, "out_count");
+          ngram::lookup_cuda(pool, B, as<const int64_t>(keys), as<int64_t>(candidates),
+                             as<int64_t>(out_count), as<void>(stream));
         },
         nogil);
 #endif

@@ -92,7 +92,10 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             transformers' sampling.
         window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0.
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
-        config: None for the given settings, or "auto" to choose (W, N, G) for this device.
+        config: None for the given settings, or "auto": then ``ngram`` and ``guesses`` bound
+            what is verified each step, chosen from this device's measured forward costs and
+            the call's running acceptance estimate; the window (``window`` columns) runs only
+            where extra tokens are nearly free. The output is the same either way.
         streamer: an object with transformers' streamer interface (``put``/``end``); it
             receives the prompts, then one token per row at a time (``[B]``, pad for rows
             that are done).
@@ -122,7 +125,12 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     ids, mask = _left_padded(input_ids, attention_mask, pad_id)
 
     drafter: Drafter
-    if strategy == "jacobi":
+    if strategy == "jacobi" and config == "auto":
+        from fastdecode.decoding.auto import AutoJacobi
+
+        drafter = AutoJacobi(runner, model.config.vocab_size, W, N, G,
+                             pool_from_prompt=pool_from_prompt, generator=generator)
+    elif strategy == "jacobi":
         from fastdecode.decoding.jacobi import JacobiDrafter
 
         drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,

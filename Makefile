@@ -27,7 +27,7 @@ demo: $(BUILT)
 	$(PY) -m fastdecode demo
 
 test: $(BUILT)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: $(BUILT)
 	$(PY) bench/primitives.py

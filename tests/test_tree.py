@@ -349,3 +349,20 @@ def test_native_checks_again():
         C.verify_tree_cpu(1, 1, 1, 1, 3, 3, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="parents is a null pointer"):
         C.tree_positions_cpu(0, 1, 1, 3, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ("chain", "trie", "padded"))
+@pytest.mark.parametrize("B,T", [(3, 16), (2, 48), (2, 128), (1, 512)])
+def test_sizes_with_16_byte_mask_stores_and_many_jump_rounds(device, kind, B, T):
+    """T % 16 == 0 takes the 16-byte mask stores; deep chains need every pointer-jumping round."""
+    check_all(*random_batch(B * 7000 + T, B, T, kind), device)
+
+
+def test_native_mask_at_an_unaligned_address_matches():
+    """The C++ mask falls back to byte stores where the output is not 16-byte aligned."""
+    parents = as_tensor(random_batch(5, 2, 32, "trie")[0], "cpu")
+    buffer = torch.zeros(2 * 32 * 32 + 1, dtype=torch.uint8)
+    _native._C.tree_mask_cpu(parents.data_ptr(), 2, 32, buffer.data_ptr() + 1)
+    assert buffer[1:].view(2, 32, 32).bool().tolist() == tree_mask(parents).tolist()
+    assert buffer[0] == 0

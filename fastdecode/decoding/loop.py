@@ -114,34 +114,38 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
             streamer.put(seq[:, L + i].cpu())
         streamed = max(streamed, ready)
 
-    def emit(candidates: list[list[int]]) -> list[int]:
-        """Appends each running row's tokens up to EOS or the budget; returns the counts."""
-        counts = []
-        for b, toks in enumerate(candidates):
-            if done[b]:
-                counts.append(0)
-                continue
-            take = toks[: max_new_tokens - produced[b]]
+    scratch = seq.shape[1] - 1  # a column past every output, for writes that are dropped
+
+    def emit(rows: list[list[int]], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends each running row's tokens (``rows`` on the host, the same ``tokens [B, W]``
+        on the device) up to EOS or the budget. Returns where each row's new tokens start
+        and end in ``seq`` (device ``[B]`` tensors), with one host-to-device copy."""
+        before, counts = [], []
+        for b, toks in enumerate(rows):
+            take = [] if done[b] else toks[: max_new_tokens - produced[b]]
             for i, t in enumerate(take):
                 if t in eos:
                     take = take[: i + 1]
                     break
-            seq[b, L + produced[b]: L + produced[b] + len(take)] = torch.tensor(take, device=device)
-            produced[b] += len(take)
-            done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
+            before.append(L + produced[b])
             counts.append(len(take))
-            hist[len(take)] += 1
+            if not done[b]:
+                produced[b] += len(take)
+                done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
+                hist[len(take)] += 1
+        meta = torch.tensor([before, counts], device=device)
+        width = torch.arange(tokens.shape[1], device=device)
+        cols = torch.where(width < meta[1, :, None], meta[0, :, None] + width, scratch)
+        seq.scatter_(1, cols, tokens)
         stream()
-        return counts
+        return meta[0], meta[0] + meta[1]
 
     if max_new_tokens > 0:
         logits = clock(runner.prefill, input_ids, attention_mask)
         stats.steps = 1
         last = choose_tokens(logits[:, None], sampling, generator)[:, 0]
-        emit([[t] for t in last.tolist()])
-        start = runner.kv_start
-        drafter.start(History(seq, start, torch.full_like(start, L),
-                              torch.tensor([L + p for p in produced], device=device)))
+        _, end = emit([[t] for t in last.tolist()], last[:, None])
+        drafter.start(History(seq, runner.kv_start, torch.full_like(end, L), end))
     while not all(done):
         draft = drafter.propose(last)
         logits = clock(runner.forward, draft.tokens, draft.parents)
@@ -150,15 +154,12 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         result = verify_tree(draft.tokens, draft.verify_parents, predicted,
                              max_depth=draft.max_depth, validate=False)
         count = result.accept_len + 1
-        accepted = result.tokens.tolist()
-        lengths = count.tolist()
-        before = [L + p for p in produced]
-        emit([row[:n] for row, n in zip(accepted, lengths)])
+        host = torch.cat([count[:, None], result.tokens], dim=1).tolist()  # the step's one sync
+        lengths = [row[0] for row in host]
+        new_from, end = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens)
         runner.commit(result.path, count, lengths)
         last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]
-        drafter.observe(draft, logits, result,
-                        History(seq, runner.kv_start, torch.tensor(before, device=device),
-                                torch.tensor([L + p for p in produced], device=device)))
+        drafter.observe(draft, logits, result, History(seq, runner.kv_start, new_from, end))
     if streamer is not None:
         stream(final=True)
         streamer.end()

@@ -1,6 +1,7 @@
 """Public ops. Each validates its inputs, then runs through a ``torch.library`` custom op that
 dispatches to the fastest available backend (see :mod:`fastdecode._backend`)."""
 
+from fastdecode.ops.attention import tree_attention
 from fastdecode.ops.kv import compact_kv
 from fastdecode.ops.tree import (
     MAX_TREE_NODES,
@@ -16,6 +17,7 @@ __all__ = [
     "VerifyResult",
     "compact_kv",
     "pack_tree_mask",
+    "tree_attention",
     "tree_mask",
     "tree_positions",
     "verify_tree",

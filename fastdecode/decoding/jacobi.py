@@ -152,6 +152,9 @@ class JacobiDrafter:
                                      (result.accept_len > 0).sum(), result.accept_len.sum()])
         self.steps += 1
 
+    def finish(self) -> None:
+        return None
+
     def stats(self) -> dict:
         """Per (row, step): lookups that found candidates, steps that accepted pool tokens,
         and the pool tokens accepted; plus the settings."""

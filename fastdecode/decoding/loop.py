@@ -160,6 +160,8 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         runner.commit(result.path, count, lengths)
         last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]
         drafter.observe(draft, logits, result, History(seq, runner.kv_start, new_from, end))
+    if max_new_tokens > 0:
+        drafter.finish()
     if streamer is not None:
         stream(final=True)
         streamer.end()

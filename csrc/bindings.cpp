@@ -16,6 +16,7 @@
 #include "ngram/pool_ops.h"
 #include "tree/tree_logic.h"
 #include "tree/tree_ops.h"
+#include "trie/trie.h"
 
 namespace py = pybind11;
 using fastdecode::require;
@@ -128,6 +129,136 @@ void check_ngram_sizes(int64_t n, const char* name) {
   require(n >= 0, std::string(name) + " must be >= 0, found " + std::to_string(n));
 }
 
+fastdecode::trie::Mode trie_mode(int mode) {
+  require(mode == 0 || mode == 1, "trie mode must be 0 (hier) or 1 (parallel), found " +
+                                      std::to_string(mode));
+  return static_cast<fastdecode::trie::Mode>(mode);
+}
+
+// The trie's methods: token arrays come as int64 pointers and lengths, like the ops' tensors.
+void bind_trie(py::module_& m) {
+  namespace trie = fastdecode::trie;
+  using trie::Trie;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.attr("trie_max_tree_nodes") = trie::kMaxTreeNodes;
+  m.attr("trie_max_nodes_total") = trie::kMaxNodesTotal;
+  m.attr("trie_max_match_len") = trie::kMaxMatchLen;
+  m.attr("trie_max_branch_length") = trie::kMaxBranchLength;
+  m.attr("trie_no_request") = trie::kNoRequest;
+  py::class_<Trie>(m, "Trie",
+                   "Token trie of trie-based lookahead decoding (pointer-level API; use "
+                   "fastdecode.decoding.TrieCache instead)")
+      .def(py::init([](int64_t vocab_size, int64_t match_len, int64_t branch_length,
+                       int64_t decoding_length, int64_t max_nodes_total,
+                       std::vector<int64_t> eos) {
+             trie::Config c;
+             c.vocab_size = vocab_size;
+             c.match_len = match_len;
+             c.branch_length = branch_length;
+             c.decoding_length = decoding_length;
+             c.max_nodes_total = max_nodes_total;
+             c.eos = std::move(eos);
+             return std::make_unique<Trie>(std::move(c));
+           }),
+           py::arg("vocab_size"), py::arg("match_len"), py::arg("branch_length"),
+           py::arg("decoding_length"), py::arg("max_nodes_total"), py::arg("eos"))
+      .def_property_readonly("vocab_size", [](const Trie& t) { return t.config().vocab_size; })
+      .def_property_readonly("match_len", [](const Trie& t) { return t.config().match_len; })
+      .def_property_readonly("branch_length",
+                             [](const Trie& t) { return t.config().branch_length; })
+      .def_property_readonly("decoding_length",
+                             [](const Trie& t) { return t.config().decoding_length; })
+      .def_property_readonly("max_nodes_total",
+                             [](const Trie& t) { return t.config().max_nodes_total; })
+      .def_property_readonly("eos", [](const Trie& t) { return t.config().eos; })
+      .def("insert",
+           [](Trie& t, Ptr tokens, int64_t n, bool prompt, int64_t request) {
+             require_ptr(tokens, n, "tokens");
+             t.insert(as<const int64_t>(tokens), n, prompt, request);
+           },
+           nogil)
+      .def("end_request", &Trie::end_request, nogil)
+      .def("retrieve",
+           [](const Trie& t, Ptr ctx, int64_t n, int64_t max_nodes, int64_t max_depth, int mode,
+              int64_t request, Ptr tokens, Ptr parents) {
+             require_ptr(ctx, n, "context");
+             require_ptr(tokens, max_nodes, "tokens");
+             require_ptr(parents, max_nodes, "parents");
+             return t.retrieve(as<const int64_t>(ctx), n, max_nodes, max_depth, trie_mode(mode),
+                               request, as<int64_t>(tokens), as<int64_t>(parents));
+           },
+           nogil)
+      .def("retrieve_batch",
+           [](const Trie& t, const std::vector<Ptr>& ctx, const std::vector<int64_t>& n,
+              int64_t max_nodes, int64_t max_depth, int mode, const std::vector<int64_t>& requests,
+              Ptr tokens, Ptr parents, bool fixed) {
+             require(ctx.size() == n.size(), "one length per context is needed");
+             const int64_t B = static_cast<int64_t>(ctx.size());
+             std::vector<const int64_t*> rows(ctx.size());
+             for (size_t b = 0; b < ctx.size(); ++b) {
+               require_ptr(ctx[b], n[b], "context");
+               rows[b] = as<const int64_t>(ctx[b]);
+             }
+             require(max_nodes >= 1, "max_nodes must be >= 1");
+             require_ptr(tokens, B * max_nodes, "tokens");
+             require_ptr(parents, B * max_nodes, "parents");
+             return t.retrieve_batch(rows, n, max_nodes, max_depth, trie_mode(mode), requests,
+                                     as<int64_t>(tokens), as<int64_t>(parents), fixed);
+           },
+           nogil)
+      .def("count",
+           [](const Trie& t, Ptr path, int64_t n, bool prompt, int64_t request) {
+             require_ptr(path, n, "path");
+             return t.count(as<const int64_t>(path), n, prompt, request);
+           },
+           nogil)
+      .def("stats",
+           [](const Trie& t) {
+             trie::Stats s;
+             {
+               py::gil_scoped_release release;
+               s = t.stats();
+             }
+             py::dict d;
+             d["nodes"] = s.nodes;
+             d["pinned"] = s.pinned;
+             d["requests"] = s.requests;
+             d["evictions"] = s.evictions;
+             d["truncated_windows"] = s.truncated;
+             d["windows"] = s.windows;
+             d["bytes"] = s.bytes;
+             return d;
+           })
+      .def("clear", &Trie::clear, nogil)
+      .def("check", &Trie::check_invariants, nogil)
+      .def("serialize",
+           [](const Trie& t) {
+             std::string s;
+             {
+               py::gil_scoped_release release;
+               s = t.serialize();
+             }
+             return py::bytes(s);
+           })
+      .def_static("deserialize",
+                  [](const py::bytes& data) {
+                    char* buf = nullptr;
+                    Py_ssize_t len = 0;
+                    require(PyBytes_AsStringAndSize(data.ptr(), &buf, &len) == 0,
+                            "deserialize needs bytes");
+                    py::gil_scoped_release release;  // the bytes object is immutable and held
+                    return Trie::deserialize(buf, static_cast<size_t>(len));
+                  })
+      .def("time_retrieve",
+           [](const Trie& t, Ptr ctx, int64_t n, int64_t max_nodes, int64_t max_depth, int mode,
+              int64_t request, int64_t iters) {
+             require_ptr(ctx, n, "context");
+             return t.time_retrieve(as<const int64_t>(ctx), n, max_nodes, max_depth,
+                                    trie_mode(mode), request, iters);
+           },
+           nogil);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -234,6 +365,8 @@ PYBIND11_MODULE(_C, m) {
                             as<int64_t>(out_count));
         },
         nogil);
+
+  bind_trie(m);
 
 #ifdef FASTDECODE_WITH_CUDA
   m.def("verify_tree_cuda",

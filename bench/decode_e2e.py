@@ -424,13 +424,14 @@ def plot(report: dict, out: Path) -> list[Path]:
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)
         axes[1].axhline(1.0, color="grey", lw=0.8)
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center",
-                   ncol=len(STRATEGIES), fontsize=8)
+        columns = 4
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns,
+                   fontsize=8)
         threads = report["torch_threads"]
         fig.suptitle(f"SmolLM2-135M-Instruct on {report['device']} ({threads} torch "
                      f"thread{'s' if threads > 1 else ''}); transformers' rows have no step "
                      "counts", fontsize=10)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.tight_layout(rect=(0, 0.05 * -(-len(STRATEGIES) // columns), 1, 1))
         paths.append(out / "decode_e2e.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)

@@ -30,7 +30,7 @@ test: $(BUILT)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: $(BUILT)
-	$(PY) bench/primitives.py
+	for b in bench/[!_]*.py; do $(PY) $$b || exit 1; done
 
 # On the GPU machine: its own python3 (no venv, no network), a CUDA build for sm_90, the GPU
 # tests and the whole suite on the GPU, then every benchmark; results and a log under $OUT.

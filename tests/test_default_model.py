@@ -1,6 +1,6 @@
 """Greedy exactness on the real default model (SmolLM2-135M-Instruct, float32): jacobi at fixed
-settings and on "auto" reproduce transformers' greedy generate token for token over 20 prompts
-(the first few run in `make test`, the rest are marked slow), and a padded batch."""
+settings and on "auto", and trie, reproduce transformers' greedy generate token for token over 20
+prompts (the first few run in `make test`, the rest are marked slow), and a padded batch."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_greedy_exact_on_default_model(default_model, index):
     ids = chat_ids(tokenizer, PROMPTS[index])
     want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                           max_new_tokens=NEW_TOKENS)
-    for kwargs in (dict(window=7, ngram=5, guesses=7), dict(config="auto", ngram=6, guesses=6)):
+    for kwargs in (dict(window=7, ngram=5, guesses=7), dict(config="auto", ngram=6, guesses=6),
+                   dict(strategy="trie", decoding_length=16, branch_length=6)):
         out = fastdecode.generate(model, ids, max_new_tokens=NEW_TOKENS, **kwargs)
         assert torch.equal(out.sequences, want), kwargs
 
@@ -78,6 +79,7 @@ def test_padded_batch_on_default_model(default_model):
                 for t in texts]
     batch = tokenizer(rendered, return_tensors="pt", padding=True)
     want = model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS)
-    out = fastdecode.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
-                              max_new_tokens=NEW_TOKENS, window=5, ngram=5, guesses=5)
-    assert torch.equal(out.sequences, want)
+    for kwargs in (dict(window=5, ngram=5, guesses=5), dict(strategy="trie")):
+        out = fastdecode.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  max_new_tokens=NEW_TOKENS, **kwargs)
+        assert torch.equal(out.sequences, want), kwargs

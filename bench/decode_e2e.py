@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -40,6 +37,7 @@ import torch
 import fastdecode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 from primitives import device_name, device_slug  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -454,43 +452,18 @@ def plot(report: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write(report: dict, out: Path, also: Path | None) -> list[Path]:
-    """Writes the JSON, the markdown and the plots into ``out`` (and copies them into ``also``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        pngs = plot(report, out)
-    except ImportError:
-        pngs = []
-        report["notes"].append("matplotlib is not installed: no plots were drawn.")
-    paths = [out / "decode_e2e.json", out / "decode_e2e.md", *pngs]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths[1].write_text(markdown(report))
-    if also is not None:
-        also.mkdir(parents=True, exist_ok=True)
-        paths += [Path(shutil.copy(p, also)) for p in list(paths)]
-    return paths
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="results folder (default "
-                        "bench/results/<device slug>/)")
-    parser.add_argument("--quick", action="store_true",
-                        help="one prompt per category, 16 new tokens, one round, shorter step-cost "
-                        "curves with fewer repeats")
+    parser = _report.parser(__doc__, "one prompt per category, 16 new tokens, one round, shorter "
+                            "step-cost curves with fewer repeats")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds per prompt and strategy; the fastest counts "
                         "(default 2; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: robust timings on a shared machine)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args = _report.parse(parser, argv)
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
     return args
@@ -553,10 +526,13 @@ def main(argv: list[str] | None = None) -> None:
               f"identical {s['identical']}/{s['prompts']}")
     for g in report["goals"]:
         print(f"goal: {g['goal']}: {g['status']}")
-    env_out = os.environ.get("OUT")
-    also = Path(env_out) if env_out and args.out is None else None
-    for path in write(report, args.out or RESULTS / device_slug(device), also):
-        print(f"wrote {path}")
+    folder, also = _report.folders(args.out, RESULTS / device_slug(device))
+    try:
+        pngs = plot(report, folder)
+    except ImportError:
+        pngs = []
+        report["notes"].append("matplotlib is not installed: no plots were drawn.")
+    _report.save("decode_e2e", report, markdown(report), folder, also, pngs)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import re
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ import fastdecode
 from fastdecode import BackendUnavailableError, ops, use_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
 
 T = 128
@@ -319,35 +317,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out: Path, also: Path | None) -> list[Path]:
-    """Writes primitives.json and primitives.md into ``out`` (and copies them into ``also``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "primitives.json", out / "primitives.md"]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths[1].write_text(markdown(report))
-    if also is not None:
-        also.mkdir(parents=True, exist_ok=True)
-        paths += [Path(shutil.copy(p, also)) for p in paths[:2]]
-    return paths
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="results folder (default "
-                        "bench/results/<device slug>/)")
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the cpu backend's kernels are serial, "
-                        "and a serial baseline avoids thread-pool wake-up noise)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    return args
+    p = _report.parser(__doc__, "fewer, shorter rounds")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the cpu backend's kernels are serial, "
+                   "and a serial baseline avoids thread-pool wake-up noise)")
+    return _report.parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,10 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         "info": {k: v for k, v in fastdecode.info().items() if k != "ops"},
         "rows": rows,
     }
-    env_out = os.environ.get("OUT")
-    also = Path(env_out) if env_out and args.out is None else None
-    for path in write(report, args.out or RESULTS / device_slug(device), also):
-        print(f"wrote {path}")
+    folder, also = _report.folders(args.out, RESULTS / device_slug(device))
+    _report.save("primitives", report, markdown(report), folder, also)
 
 
 if __name__ == "__main__":

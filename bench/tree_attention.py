@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +38,7 @@ from fastdecode.ops import pack_tree_mask, tree_attention, tree_mask
 from fastdecode.ops.attention import visible_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
 from primitives import device_name, device_slug, fmt_us  # noqa: E402
 
@@ -252,38 +250,11 @@ def plot(report: dict, path: Path) -> Path | None:
     return path
 
 
-def write(report: dict, out: Path, also: Path | None) -> list[Path]:
-    """Writes the JSON, the markdown and (with matplotlib) the plot into ``out``, and copies
-    them into ``also``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{NAME}.json", out / f"{NAME}.md"]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths[1].write_text(markdown(report))
-    png = plot(report, out / f"{NAME}.png")
-    if png is None:
-        print("matplotlib is not installed: no plot")
-    else:
-        paths.append(png)
-    if also is not None:
-        also.mkdir(parents=True, exist_ok=True)
-        paths += [Path(shutil.copy(p, also)) for p in list(paths)]
-    return paths
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="results folder (default "
-                        "bench/results/<device slug>/)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter rounds")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    return args
+    return _report.parse(_report.parser(__doc__, "fewer shapes, shorter rounds"), argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,10 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         "plan": asdict(plan),
         "rows": rows,
     }
-    env_out = os.environ.get("OUT")
-    also = Path(env_out) if env_out and args.out is None else None
-    for path in write(report, args.out or RESULTS / device_slug(device), also):
-        print(f"wrote {path}")
+    folder, also = _report.folders(args.out, RESULTS / device_slug(device))
+    png = plot(report, folder / f"{NAME}.png")
+    if png is None:
+        print("matplotlib is not installed: no plot")
+    _report.save(NAME, report, markdown(report), folder, also, [png] if png else [])
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -44,6 +42,7 @@ import fastdecode
 from fastdecode.decoding import TrieCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 from _timing import Plan, measure  # noqa: E402
 from primitives import RESULTS, cpu_name, device_name, device_slug, fmt_us  # noqa: E402
 
@@ -265,31 +264,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out: Path, also: Path | None) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "trie.json", out / "trie.md"]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths[1].write_text(markdown(report))
-    if also is not None:
-        also.mkdir(parents=True, exist_ok=True)
-        paths += [Path(shutil.copy(p, also)) for p in paths[:2]]
-    return paths
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the run happens; the trie is always on the CPU (cuda adds "
-                        "the copy of the tree to the GPU and names the results folder)")
-    parser.add_argument("--out", type=Path, help="results folder (default "
-                        "bench/results/<device slug>/)")
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    parser.add_argument("--nodes", type=int, default=1 << 20, help="node budget (default 2^20)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    return args
+    p = _report.parser(__doc__, "fewer, shorter rounds",
+                       "where the run happens; the trie is always on the CPU (cuda adds the copy "
+                       "of the tree to the GPU and names the results folder)")
+    p.add_argument("--nodes", type=int, default=1 << 20, help="node budget (default 2^20)")
+    return _report.parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,10 +297,8 @@ def main(argv: list[str] | None = None) -> None:
                                 "probs": list(PROBS)}},
         **results,
     }
-    env_out = os.environ.get("OUT")
-    also = Path(env_out) if env_out and args.out is None else None
-    for path in write(report, args.out or RESULTS / device_slug(device), also):
-        print(f"wrote {path}")
+    folder, also = _report.folders(args.out, RESULTS / device_slug(device))
+    _report.save("trie", report, markdown(report), folder, also)
 
 
 if __name__ == "__main__":

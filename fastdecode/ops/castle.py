@@ -1,0 +1,580 @@
+"""CASTLE attention (causal attention with lookahead keys, arXiv:2509.07301) and its UQ-KV cache.
+
+Every position s carries a causal key ``k^C_s`` and a lookahead key that grows as tokens arrive:
+with t tokens present, ``u_s = sum_{s < r <= t} sigmoid(c q^U_s . k^U_r) v^U_r`` (CASTLE-SWL, a
+window W, keeps only ``r <= s + W``). Query t scores key s as
+``c q^C_t . k^C_s - SiLU(c q^C_t . u_s)``, takes one causal softmax and averages ``v^C``.
+
+This file holds:
+  * :func:`castle_attention`, the parallel (training) form with autograd, dispatched to the
+    ``torch`` reference (Theorem 1 of the paper, dense L x L matrices in fp32) or the ``triton``
+    kernels (``fastdecode.triton_kernels.castle.parallel``: blocked, O(L d) extra memory);
+  * :func:`castle_attention_naive`, the literal definition that rebuilds every lookahead key for
+    every step (O(L^3 d); a test oracle);
+  * :class:`CastleCache` with :func:`castle_decode` (one token; the ``triton`` backend fuses the
+    rank-1 update of U with the attention) and :func:`castle_prefill` (any number of tokens against
+    the cache, the chunked formula; also speculative verification, rolled back by
+    :meth:`CastleCache.crop` after :meth:`CastleCache.checkpoint`).
+
+``c`` is ``scale``, default ``1/sqrt(D)``. Tensors are ``[B, H, L, D]``; the state (lookahead
+keys, softmax statistics) is fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode._backend import dispatch, register, run
+from fastdecode.ops import _validate
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+NO_WINDOW = -1
+"""The custom ops' spelling of ``window=None`` (full lookahead)."""
+PREFILL_CHUNK = 64
+"""The chunked formula's tokens per step: bounds its C x C x t term."""
+_NAMES = ("qc", "kc", "vc", "qu", "ku", "vu")
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of lookahead keys and softmax statistics for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lookahead_allowed(s: torch.Tensor, r: torch.Tensor, window: int) -> torch.Tensor:
+    """bool ``[len(s), len(r)]``: whether token r writes into the lookahead key of s
+    (``s < r``, and ``r <= s + window`` unless ``window == NO_WINDOW``)."""
+    ok = s[:, None] < r[None, :]
+    if window != NO_WINDOW:
+        ok &= r[None, :] <= s[:, None] + window
+    return ok
+
+
+# ---- plain-torch reference of the parallel form (the ``torch`` backend) ---------------------
+
+
+def _dense_forward(qc, kc, vc, qu, ku, vu, window: int, scale: float):
+    """Theorem 1 in the state dtype: returns ``(out, lse, ul)`` where ``lse`` ``[B, H, L]`` is
+    the natural-log softmax normaliser of each row and ``ul`` ``[B, H, L, D]`` the final
+    lookahead keys ``U^L = G V^U``."""
+    sd = _state_dtype(qc.dtype)
+    qc, kc, vc, qu, ku, vu = (x.to(sd) for x in (qc, kc, vc, qu, ku, vu))
+    L = qc.shape[2]
+    pos = torch.arange(L, device=qc.device)
+    low = pos[:, None] >= pos[None, :]
+    a = torch.where(low, scale * qc @ vu.transpose(-1, -2), 0.0)  # A[t, r], r <= t
+    g = torch.where(_lookahead_allowed(pos, pos, window),
+                    torch.sigmoid(scale * qu @ ku.transpose(-1, -2)), 0.0)  # G[s, r]
+    su = a @ g.transpose(-1, -2)  # S^U[t, s]: zero for s >= t
+    z = torch.where(low, scale * qc @ kc.transpose(-1, -2) - F.silu(su), float("-inf"))
+    lse = torch.logsumexp(z, -1)
+    out = torch.exp(z - lse[..., None]) @ vc
+    return out, lse, g @ vu
+
+
+def castle_attention_reference(qc, kc, vc, qu, ku, vu, window: int, scale: float):
+    """The ``torch`` backend of the forward: ``(out, lse, ul)``, out in the inputs' dtype,
+    ``lse`` and ``ul`` in the state dtype (see :func:`_dense_forward`)."""
+    out, lse, ul = _dense_forward(qc, kc, vc, qu, ku, vu, window, scale)
+    return out.to(qc.dtype), lse, ul
+
+
+def castle_attention_backward_reference(dout, qc, kc, vc, qu, ku, vu, out, lse, ul,
+                                        window: int, scale: float):
+    """The ``torch`` backend of the backward: the gradients of the six inputs, by autograd
+    through :func:`_dense_forward` in the state dtype (``out``, ``lse``, ``ul`` go unused)."""
+    with torch.enable_grad():
+        xs = [x.detach().to(_state_dtype(qc.dtype)).requires_grad_() for x in
+              (qc, kc, vc, qu, ku, vu)]
+        o = _dense_forward(*xs, window, scale)[0]
+        grads = torch.autograd.grad(o, xs, dout.to(o.dtype))
+    return tuple(g.to(qc.dtype) for g in grads)
+
+
+def _forward_triton(qc, kc, vc, qu, ku, vu, window: int, scale: float):
+    # Imported on first use: triton is optional, and importing it costs time.
+    from fastdecode.triton_kernels.castle.parallel import castle_forward_triton
+
+    return castle_forward_triton(qc, kc, vc, qu, ku, vu, window, scale)
+
+
+def _backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window: int, scale: float):
+    from fastdecode.triton_kernels.castle.parallel import castle_backward_triton
+
+    return castle_backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window, scale)
+
+
+register("castle_attention", "torch")(castle_attention_reference)
+register("castle_attention", "triton")(_forward_triton)
+register("castle_attention_backward", "torch")(castle_attention_backward_reference)
+register("castle_attention_backward", "triton")(_backward_triton)
+
+
+# ---- torch.library registration and autograd -------------------------------------------------
+
+
+@torch.library.custom_op("fastdecode::castle_attention", mutates_args=())
+def _castle_attention_op(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, qu: torch.Tensor,
+                         ku: torch.Tensor, vu: torch.Tensor, window: int, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, ul = run("castle_attention", qc.device, qc, kc, vc, qu, ku, vu, window, scale)
+    return out, lse, ul
+
+
+@_castle_attention_op.register_fake
+def _(qc, kc, vc, qu, ku, vu, window, scale):
+    B, H, L, D = qc.shape
+    sd = _state_dtype(qc.dtype)
+    return (torch.empty_like(qc), qc.new_empty(B, H, L, dtype=sd),
+            qc.new_empty(B, H, L, D, dtype=sd))
+
+
+@torch.library.custom_op("fastdecode::castle_attention_backward", mutates_args=())
+def _castle_backward_op(dout: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                        qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, ul: torch.Tensor, window: int, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor]:
+    return run("castle_attention_backward", qc.device, dout, qc, kc, vc, qu, ku, vu, out, lse, ul,
+               window, scale)
+
+
+@_castle_backward_op.register_fake
+def _(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window, scale):
+    return tuple(torch.empty_like(x) for x in (qc, kc, vc, qu, ku, vu))
+
+
+class _CastleFunction(torch.autograd.Function):
+    """Autograd around the forward and backward ops (each dispatched to one backend)."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, vc, qu, ku, vu, window: int, scale: float):
+        out, lse, ul = dispatch("castle_attention", _castle_attention_op, qc.device, qc, kc, vc,
+                                qu, ku, vu, window, scale)
+        ctx.save_for_backward(qc, kc, vc, qu, ku, vu, out, lse, ul)
+        ctx.window, ctx.scale = window, scale
+        ctx.mark_non_differentiable(lse, ul)
+        return out, lse, ul
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dul):
+        qc, kc, vc, qu, ku, vu, out, lse, ul = ctx.saved_tensors
+        grads = dispatch("castle_attention_backward", _castle_backward_op, qc.device,
+                         dout.contiguous(), qc, kc, vc, qu, ku, vu, out, lse, ul, ctx.window,
+                         ctx.scale)
+        return (*grads, None, None)
+
+
+# ---- public, validated parallel form ---------------------------------------------------------
+
+
+def _check_scale(scale: object, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, found {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, found {scale}")
+    return float(scale)
+
+
+def _check_window(window: object) -> int:
+    if window is None:
+        return NO_WINDOW
+    return _validate.integer("window", window, 0)
+
+
+def _check_six(tensors: tuple, layout: str, dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, ...]:
+    """Checks the six projections: 4-D ``[B, H, L, D]`` tensors of one shape, dtype and device
+    with D a multiple of 16 in [16, 256]; returns them with unit stride on D."""
+    for name, x in zip(_NAMES, tensors):
+        _validate.tensor(name, x, None, 4, layout)
+    qc = tensors[0]
+    want = dtype or qc.dtype
+    if want not in DTYPES:
+        raise TypeError(f"qc must have dtype float16, bfloat16, float32 or float64, found "
+                        f"{qc.dtype}")
+    for name, x in zip(_NAMES, tensors):
+        _validate.tensor(name, x, want)
+        _validate.shape(name, x, qc.shape, layout)
+    D = qc.shape[3]
+    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"the head dim D must be a multiple of 16 in [16, {MAX_HEAD_DIM}], "
+                         f"found qc shape {tuple(qc.shape)}")
+    _validate.same_device(list(zip(_NAMES, tensors)))
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in tensors)
+
+
+def castle_attention(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, qu: torch.Tensor,
+                     ku: torch.Tensor, vu: torch.Tensor, *, window: int | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """CASTLE attention over whole sequences (the paper's parallel form), differentiable.
+
+    Row t of the output is ``sum_s p_{t,s} vc_s`` over ``s <= t`` with
+    ``p_t = softmax_s(c qc_t . kc_s - SiLU(c qc_t . u_s^t))`` and the lookahead keys
+    ``u_s^t = sum_{s < r <= t} sigmoid(c qu_s . ku_r) vu_r`` (with ``window=W`` only
+    ``r <= s + W``). ``vu = 0`` or ``window=0`` gives standard causal attention.
+
+    Args:
+        qc, kc, vc: ``[B, H, L, D]`` causal queries, causal keys and values.
+        qu, ku, vu: ``[B, H, L, D]`` lookahead queries, lookahead keys and lookahead values.
+            All six share shape, dtype (float16, bfloat16, float32; float64 for gradient
+            checks) and device; D is a multiple of 16 in [16, 256]; L >= 1 (any value); any
+            strides (a tensor whose last stride is not 1 is copied). Apply rotary embeddings
+            before the call if the model uses them.
+        window: None for full lookahead, or W >= 0 for sliding-window lookahead (CASTLE-SWL).
+        scale: ``c``, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, L, D]`` contiguous, the inputs' dtype. Accumulation and the lookahead keys are
+        fp32 (fp64 for fp64 inputs). Gradients flow to all six inputs.
+    """
+    tensors = _check_six((qc, kc, vc, qu, ku, vu), "[B, H, L, D]")
+    window = _check_window(window)
+    scale = _check_scale(scale, qc.shape[3])
+    if qc.shape[2] == 0:
+        raise ValueError(f"qc must have L >= 1 tokens, found shape {tuple(qc.shape)}")
+    return _CastleFunction.apply(*tensors, window, scale)[0]
+
+
+def castle_attention_naive(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                           qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, *,
+                           window: int | None = None, scale: float | None = None
+                           ) -> torch.Tensor:
+    """The literal recurrent definition, a test oracle: for every t it rebuilds the lookahead keys
+    ``U^t`` of the first t+1 tokens from scratch and computes output row t alone (O(L^3 D)).
+    Same arguments and result as :func:`castle_attention` (computed in fp64, returned in the
+    inputs' dtype); not differentiable through a kernel, but plain autograd works."""
+    tensors = _check_six((qc, kc, vc, qu, ku, vu), "[B, H, L, D]")
+    w = _check_window(window)
+    c = _check_scale(scale, qc.shape[3])
+    qc64, kc64, vc64, qu64, ku64, vu64 = (x.double() for x in tensors)
+    rows = []
+    for t in range(qc.shape[2]):
+        pos = torch.arange(t + 1, device=qc.device)
+        g = torch.where(_lookahead_allowed(pos, pos, w),
+                        torch.sigmoid(c * qu64[:, :, :t + 1] @ ku64[:, :, :t + 1].transpose(-1, -2)),
+                        0.0)
+        u = g @ vu64[:, :, :t + 1]  # [B, H, t+1, D], row t is zero
+        q = qc64[:, :, t:t + 1]  # [B, H, 1, D]
+        z = c * q @ kc64[:, :, :t + 1].transpose(-1, -2) - F.silu(c * q @ u.transpose(-1, -2))
+        rows.append(torch.softmax(z, -1) @ vc64[:, :, :t + 1])
+    return torch.cat(rows, 2).to(qc.dtype)
+
+
+# ---- the UQ-KV cache --------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerState:
+    """One layer's cache: rows ``[0, length)`` of ``u`` (state dtype) and of ``qu``, ``kc``,
+    ``vc`` (the model dtype), all ``[B, H, capacity, D]``; plus the rollback record since the
+    last checkpoint: the lookahead-key rows that later tokens could change, as they were, and the
+    lookahead keys and values of the tokens added since."""
+
+    u: torch.Tensor
+    qu: torch.Tensor
+    kc: torch.Tensor
+    vc: torch.Tensor
+    scale: float
+    length: int = 0
+    saved_at: int | None = None
+    saved_from: int = 0
+    saved_u: torch.Tensor | None = None
+    ku_log: list | None = None
+    vu_log: list | None = None
+
+    def grow(self, need: int) -> None:
+        """Makes room for ``need`` rows (doubling the capacity)."""
+        cap = self.u.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 16)
+        for name in ("u", "qu", "kc", "vc"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, new)
+
+
+class CastleCache:
+    """The UQ-KV cache of a CASTLE model: per layer, the current lookahead keys U (fp32, fp64
+    for fp64 models) and the lookahead queries Q^U, causal keys K^C and values V^C of every
+    cached token, each ``[B, H, capacity, D]`` (valid rows ``[0, length)``; the capacity grows by
+    doubling). All rows of a batch share one length.
+
+    Args:
+        num_layers: how many layers (a layer's state is made by its first call).
+        window: None for full lookahead, or the CASTLE-SWL window W (must match the model's).
+            With a window only the last W rows of U ever change.
+
+    Rollback after speculative steps: call :meth:`checkpoint` before the draft tokens are fed,
+    then :meth:`crop` to the accepted length. The lookahead keys are restored from the copy that
+    :meth:`checkpoint` took (rows that later tokens could change: all of them, or the last W
+    with a window) and the accepted tokens' updates are recomputed, so nothing is subtracted.
+    """
+
+    def __init__(self, num_layers: int = 1, window: int | None = None) -> None:
+        _validate.integer("num_layers", num_layers, 1)
+        self.window = None if window is None else _validate.integer("window", window, 0)
+        self.layers: list[_LayerState | None] = [None] * num_layers
+
+    def length(self, layer: int = 0) -> int:
+        """Cached tokens of ``layer`` (0 before its first call)."""
+        state = self.layers[layer]
+        return 0 if state is None else state.length
+
+    def lookahead_keys(self, layer: int = 0) -> torch.Tensor:
+        """The current lookahead keys of ``layer``: a ``[B, H, length, D]`` view."""
+        state = self._state(layer)
+        return state.u[:, :, :state.length]
+
+    def _state(self, layer: int) -> _LayerState:
+        _validate.integer("layer", layer, 0, len(self.layers) - 1)
+        state = self.layers[layer]
+        if state is None:
+            raise ValueError(f"layer {layer} of the cache is empty")
+        return state
+
+    def _w(self) -> int:
+        return NO_WINDOW if self.window is None else self.window
+
+    def checkpoint(self) -> None:
+        """Records the current state of every layer so that :meth:`crop` can return to any
+        length from here on. Copies the lookahead-key rows that new tokens can change."""
+        for state in self.layers:
+            if state is None:
+                continue
+            n = state.length
+            first = 0 if self.window is None else max(0, n - self.window)
+            state.saved_at, state.saved_from = n, first
+            state.saved_u = state.u[:, :, first:n].clone()
+            state.ku_log, state.vu_log = [], []
+
+    def crop(self, length: int) -> None:
+        """Rolls every layer back to its first ``length`` tokens (``length`` no less than the
+        length at the last :meth:`checkpoint`, no more than the current length)."""
+        for i, state in enumerate(self.layers):
+            if state is None:
+                continue
+            _validate.integer("length", length, 0, state.length)
+            if length == state.length:
+                continue
+            if state.saved_at is None or length < state.saved_at:
+                raise ValueError(
+                    f"crop(length={length}): layer {i} can only roll back to its last "
+                    f"checkpoint at {state.saved_at} tokens; call checkpoint() before the "
+                    "tokens to roll back are added")
+            base, first = state.saved_at, state.saved_from
+            state.u[:, :, first:base] = state.saved_u
+            state.u[:, :, base:length] = 0
+            keep = length - base
+            ku = torch.cat(state.ku_log, 2)[:, :, :keep]
+            vu = torch.cat(state.vu_log, 2)[:, :, :keep]
+            _update_lookahead(state, base, ku, vu, self._w(), state.scale)
+            state.length = length
+            state.ku_log, state.vu_log = [ku], [vu]
+
+    def _append(self, layer: int, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, scale: float
+                ) -> _LayerState:
+        """The state of ``layer`` with room for the new tokens and their Q^U, K^C, V^C written
+        (the length is not advanced yet); checks them against the cached ones."""
+        _validate.integer("layer", layer, 0, len(self.layers) - 1)
+        state = self.layers[layer]
+        B, H, C, D = qc.shape
+        if state is None:
+            sd = _state_dtype(qc.dtype)
+            state = _LayerState(u=qc.new_zeros(B, H, 0, D, dtype=sd), qu=qc.new_zeros(B, H, 0, D),
+                                kc=qc.new_zeros(B, H, 0, D), vc=qc.new_zeros(B, H, 0, D),
+                                scale=scale)
+            self.layers[layer] = state
+        else:
+            want = (state.qu.shape[0], state.qu.shape[1], C, state.qu.shape[3])
+            _validate.shape("qc", qc, want, "[B, H, C, D] (B, H, D of the cache)")
+            if qc.dtype != state.qu.dtype or qc.device != state.qu.device:
+                raise TypeError(f"the new tokens are {qc.dtype} on {qc.device} but layer {layer} "
+                                f"of the cache holds {state.qu.dtype} on {state.qu.device}")
+            if scale != state.scale:
+                raise ValueError(f"scale {scale} differs from the {state.scale} the cache of "
+                                 f"layer {layer} was filled with")
+        t0 = state.length
+        state.grow(t0 + C)
+        state.qu[:, :, t0:t0 + C] = qu
+        state.kc[:, :, t0:t0 + C] = kc
+        state.vc[:, :, t0:t0 + C] = vc
+        state.u[:, :, t0:t0 + C] = 0
+        if state.ku_log is not None:
+            state.ku_log.append(ku.clone())
+            state.vu_log.append(vu.clone())
+        return state
+
+
+def _update_lookahead(state: _LayerState, t0: int, ku: torch.Tensor, vu: torch.Tensor,
+                      window: int, scale: float) -> None:
+    """Adds the lookahead updates of the tokens at rows ``[t0, t0 + C)`` (their ``ku``, ``vu``
+    given, their ``qu`` already cached) to the U rows ``[0, t0 + C)``: old rows gain
+    ``G[old, new] V^U``, new rows become ``G[new, new] V^U``."""
+    C = ku.shape[2]
+    if C == 0:
+        return
+    sd = state.u.dtype
+    first = 0 if window == NO_WINDOW else max(0, t0 - window)
+    s = torch.arange(first, t0 + C, device=ku.device)
+    r = torch.arange(t0, t0 + C, device=ku.device)
+    logits = scale * state.qu[:, :, first:t0 + C].to(sd) @ ku.to(sd).transpose(-1, -2)
+    g = torch.where(_lookahead_allowed(s, r, window), torch.sigmoid(logits), 0.0)
+    state.u[:, :, first:t0 + C] += g @ vu.to(sd)
+
+
+# ---- chunked prefill and decode (the ``torch`` backends) -------------------------------------
+
+
+def castle_chunk_reference(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: torch.Tensor,
+                           vc_cache: torch.Tensor, t0: int, qc: torch.Tensor, ku: torch.Tensor,
+                           vu: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """One step of the chunked formula for C new tokens at rows ``[t0, t0 + C)``, in place.
+
+    ``u`` (state dtype) and the caches are ``[B, H, capacity, D]`` whose rows ``[0, t0 + C)``
+    are filled, the new tokens' Q^U, K^C, V^C included and their U rows zero. ``qc``, ``ku``,
+    ``vu``: ``[B, H, C, D]``. Scores of the new queries against old keys use the cached U plus
+    the in-chunk contributions ``A G^T``; then U gains the chunk's updates. Returns the new
+    tokens' outputs ``[B, H, C, D]`` in qc's dtype.
+    """
+    sd = u.dtype
+    C = qc.shape[2]
+    first = 0 if window == NO_WINDOW else max(0, t0 - window)  # rows that can still change
+    n = t0 + C
+    q = qc.to(sd)
+    pos_new = torch.arange(t0, n, device=qc.device)
+    s = torch.arange(first, n, device=qc.device)
+    a = torch.where(pos_new[:, None] >= pos_new[None, :], scale * q @ vu.to(sd).transpose(-1, -2),
+                    0.0)  # A[t, r] over the chunk, r <= t
+    g = torch.where(_lookahead_allowed(s, pos_new, window),
+                    torch.sigmoid(scale * qu_cache[:, :, first:n].to(sd) @ ku.to(sd).transpose(-1, -2)),
+                    0.0)  # G[s, r] for changing rows s, chunk tokens r
+    su = scale * q @ u[:, :, :n].transpose(-1, -2)  # frozen part: cached U (new rows are 0)
+    su[..., first:n] += a @ g.transpose(-1, -2)
+    z = scale * q @ kc_cache[:, :, :n].to(sd).transpose(-1, -2) - F.silu(su)
+    visible = torch.arange(n, device=qc.device)[None, :] <= pos_new[:, None]
+    z = z.masked_fill(~visible, float("-inf"))
+    out = torch.softmax(z, -1) @ vc_cache[:, :, :n].to(sd)
+    u[:, :, first:n] += g @ vu.to(sd)
+    return out.to(qc.dtype)
+
+
+def castle_decode_reference(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, window: int,
+                            scale: float) -> torch.Tensor:
+    """The ``torch`` backend of :func:`castle_decode`: the chunked formula with C = 1."""
+    return castle_chunk_reference(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale)
+
+
+def _decode_triton(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, window: int,
+                   scale: float) -> torch.Tensor:
+    from fastdecode.triton_kernels.castle.decode import castle_decode_triton
+
+    return castle_decode_triton(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale)
+
+
+register("castle_decode", "torch")(castle_decode_reference)
+register("castle_decode", "triton")(_decode_triton)
+
+
+@torch.library.custom_op("fastdecode::castle_decode", mutates_args=("u",))
+def _castle_decode_op(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: torch.Tensor,
+                      vc_cache: torch.Tensor, t0: int, qc: torch.Tensor, ku: torch.Tensor,
+                      vu: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    return run("castle_decode", qc.device, u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu,
+               window, scale)
+
+
+@_castle_decode_op.register_fake
+def _(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale):
+    return torch.empty_like(qc)
+
+
+def _check_step(cache: object, tensors: tuple, scale: float | None) -> tuple:
+    if not isinstance(cache, CastleCache):
+        raise TypeError(f"cache must be a CastleCache, found {type(cache).__name__}")
+    tensors = _check_six(tensors, "[B, H, C, D]")
+    return tensors, _check_scale(scale, tensors[0].shape[3])
+
+
+def castle_decode(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, *, layer: int = 0,
+                  scale: float | None = None) -> torch.Tensor:
+    """One decoding step of one layer: appends one token to ``cache`` and returns its output.
+
+    The step appends the token's Q^U, K^C, V^C, adds the rank-1 update
+    ``sigmoid(c Q^U k^U) v^U`` to every earlier lookahead key (with a window W only the last W
+    rows), appends a zero lookahead key, and attends with ``qc`` over all cached tokens. The
+    ``triton`` backend does the update and the attention in one pass over the cache.
+
+    Args:
+        cache: the :class:`CastleCache` (its window applies).
+        qc, kc, vc, qu, ku, vu: ``[B, H, 1, D]``, one dtype (float16, bfloat16, float32 or
+            float64) and device, matching the cache's B, H, D, dtype and device. Rotary
+            embeddings, if any, are applied by the caller at absolute position
+            ``cache.length(layer)``.
+        layer: which layer of the cache.
+        scale: ``c``, default ``1 / sqrt(D)``; must match earlier calls on this layer.
+
+    Returns:
+        ``[B, H, 1, D]``, the inputs' dtype.
+    """
+    (qc, kc, vc, qu, ku, vu), scale = _check_step(cache, (qc, kc, vc, qu, ku, vu), scale)
+    if qc.shape[2] != 1:
+        raise ValueError(f"castle_decode takes one token (C = 1), found qc shape "
+                         f"{tuple(qc.shape)}; use castle_prefill for more")
+    state = cache._append(layer, qc, kc, vc, qu, ku, vu, scale)
+    t0 = state.length
+    out = dispatch("castle_decode", _castle_decode_op, qc.device, state.u, state.qu, state.kc,
+                   state.vc, t0, qc, ku, vu, cache._w(), scale)
+    state.length = t0 + 1
+    return out
+
+
+def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                   qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, *, layer: int = 0,
+                   scale: float | None = None) -> torch.Tensor:
+    """Appends C >= 1 tokens to one layer of ``cache`` and returns their outputs: a prompt's
+    prefill, a chunk of it, or the C draft tokens of a speculative step (roll back with
+    :meth:`CastleCache.checkpoint` / :meth:`CastleCache.crop`).
+
+    Into an empty layer the parallel op :func:`castle_attention` runs and its final lookahead
+    keys fill the cache. Otherwise the chunked formula runs in steps of ``PREFILL_CHUNK``
+    tokens: new queries score old keys with the cached U plus the in-chunk terms, then U gains
+    the chunk's updates (with a window W only its last W rows change).
+
+    Args: as :func:`castle_decode`, with ``[B, H, C, D]`` tensors.
+
+    Returns:
+        ``[B, H, C, D]``, the inputs' dtype.
+    """
+    (qc, kc, vc, qu, ku, vu), scale = _check_step(cache, (qc, kc, vc, qu, ku, vu), scale)
+    C = qc.shape[2]
+    if C == 0:
+        raise ValueError(f"castle_prefill needs C >= 1 tokens, found qc shape {tuple(qc.shape)}")
+    window = cache._w()
+    if cache.length(layer) == 0 and C > 1:
+        out, _, ul = dispatch("castle_attention", _castle_attention_op, qc.device, qc, kc, vc,
+                              qu, ku, vu, window, scale)
+        state = cache._append(layer, qc, kc, vc, qu, ku, vu, scale)
+        state.u[:, :, :C] = ul
+        state.length = C
+        return out
+    outs = []
+    for start in range(0, C, PREFILL_CHUNK):
+        part = slice(start, min(C, start + PREFILL_CHUNK))
+        q, k, v, qu_, ku_, vu_ = (x[:, :, part] for x in (qc, kc, vc, qu, ku, vu))
+        state = cache._append(layer, q, k, v, qu_, ku_, vu_, scale)
+        t0 = state.length
+        outs.append(castle_chunk_reference(state.u, state.qu, state.kc, state.vc, t0, q, ku_,
+                                           vu_, window, scale))
+        state.length = t0 + q.shape[2]
+    return torch.cat(outs, 2)

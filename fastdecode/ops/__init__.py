@@ -2,6 +2,13 @@
 dispatches to the fastest available backend (see :mod:`fastdecode._backend`)."""
 
 from fastdecode.ops.attention import tree_attention
+from fastdecode.ops.castle import (
+    CastleCache,
+    castle_attention,
+    castle_attention_naive,
+    castle_decode,
+    castle_prefill,
+)
 from fastdecode.ops.kv import compact_kv
 from fastdecode.ops.tree import (
     MAX_TREE_NODES,
@@ -14,7 +21,12 @@ from fastdecode.ops.tree import (
 
 __all__ = [
     "MAX_TREE_NODES",
+    "CastleCache",
     "VerifyResult",
+    "castle_attention",
+    "castle_attention_naive",
+    "castle_decode",
+    "castle_prefill",
     "compact_kv",
     "pack_tree_mask",
     "tree_attention",

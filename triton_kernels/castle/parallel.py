@@ -40,13 +40,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+def sigmoid(x):
+    """The logistic function without overflow: ``e^-|x|`` never exceeds 1."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 @triton.jit
 def _silu(x):
-    return x * _sigmoid(x)
+    return x * sigmoid(x)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _castle_forward_kernel(
 
     allowed, causal, tril = _block_masks(rows_i, rows_j, rows_i, L, window)
     g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
-    g = tl.where(allowed, _sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
+    g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
     a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
     a = tl.where(tril, a.to(sd), 0.0)  # A[t in i, r in i]
     su = tl.dot(qc, tl.trans(dj.to(dt)), input_precision=PREC).to(sd) * scale
@@ -189,7 +191,7 @@ def _castle_backward_kernel(
 
         allowed, causal, tril = _block_masks(rows_i, rows_j, rows_i, L, window)
         g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
-        g = tl.where(allowed, _sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
+        g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
         dj -= tl.dot(g.to(dt), vu, input_precision=PREC).to(sd)  # now: r before block i
         a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
         a = tl.where(tril, a.to(sd), 0.0)
@@ -201,7 +203,7 @@ def _castle_backward_kernel(
         dz = p * (dp - delta[:, None])
         d_vc += tl.dot(tl.trans(p.to(dt)), do, input_precision=PREC).to(sd)
         d_kc += tl.dot(tl.trans(dz.to(dt)), qc, input_precision=PREC).to(sd) * scale
-        sg = _sigmoid(su)
+        sg = sigmoid(su)
         dsu = tl.where(causal, -dz * sg * (1.0 + su * (1.0 - sg)), 0.0)
         d_qc = tl.dot(dz.to(dt), kc, input_precision=PREC).to(sd)
         d_qc += tl.dot(dsu.to(dt), dj.to(dt), input_precision=PREC).to(sd)

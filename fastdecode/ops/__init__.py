@@ -10,6 +10,14 @@ from fastdecode.ops.castle import (
     castle_prefill,
 )
 from fastdecode.ops.kv import compact_kv
+from fastdecode.ops.structured import (
+    block_dense_decode,
+    block_shuffle,
+    block_shuffle_decode,
+    dense_decode,
+    lowrank_decode,
+    swiglu_up,
+)
 from fastdecode.ops.tree import (
     MAX_TREE_NODES,
     VerifyResult,
@@ -23,12 +31,18 @@ __all__ = [
     "MAX_TREE_NODES",
     "CastleCache",
     "VerifyResult",
+    "block_dense_decode",
+    "block_shuffle",
+    "block_shuffle_decode",
     "castle_attention",
     "castle_attention_naive",
     "castle_decode",
     "castle_prefill",
     "compact_kv",
+    "dense_decode",
+    "lowrank_decode",
     "pack_tree_mask",
+    "swiglu_up",
     "tree_attention",
     "tree_mask",
     "tree_positions",

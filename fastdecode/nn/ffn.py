@@ -1,0 +1,129 @@
+"""A transformer feed-forward block whose two projections are structured (or dense):
+``fc2(act(fc1(x)))`` with GELU (tanh), or SwiGLU where gate and up are ONE structured
+``d -> 2f`` layer (the reference's fused layout: gate is ``fc1``'s outputs ``[0, f)``, up is
+``[f, 2f)``, so LowRank and BlockDense share their first factor between gate and up)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdecode.nn.structured_linear import (
+    BlockDenseLinear,
+    LowRankLinear,
+    StructuredLinear,
+    linear_from_dense,
+    linear_params,
+    make_linear,
+)
+from fastdecode.ops import _validate
+from fastdecode.ops.structured import swiglu_up
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+class StructuredFFN(nn.Module):
+    """``y = fc2(act(fc1(x)))`` over ``[..., d_model]`` inputs.
+
+    Args:
+        d_model: model width.
+        d_ff: hidden width f (SwiGLU: fc1 is ``d_model -> 2*d_ff``; GELU: ``d_model -> d_ff``).
+        kind: ``"lowrank"``, ``"blockdense"``, ``"blockshuffle"`` or ``"dense"``; fc1 and fc2
+            get the same structure, rank and blocks, as in the paper.
+        rank: for lowrank and blockdense (at most ``min(d_model, d_ff)``).
+        blocks: for blockdense and blockshuffle (must divide the widths involved).
+        activation: ``"swiglu"`` or ``"gelu"`` (tanh approximation, the paper's).
+        bias: biases on both projections.
+        kwargs: init, merge_threshold, device, dtype (see the linear classes).
+
+    With SwiGLU and a LowRank or BlockDense fc1 without bias, a call that takes the structured
+    path runs :func:`fastdecode.ops.structured.swiglu_up` (the up-projection fused with SwiGLU).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "lowrank", rank: int | None = None,
+                 blocks: int | None = None, activation: str = "swiglu", bias: bool = False,
+                 **kwargs) -> None:
+        super().__init__()
+        self.d_model = _validate.integer("d_model", d_model, 1)
+        self.d_ff = _validate.integer("d_ff", d_ff, 1)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be 'swiglu' or 'gelu', found {activation!r}")
+        self.kind, self.activation = kind, activation
+        up = 2 * d_ff if activation == "swiglu" else d_ff
+        self.fc1 = make_linear(kind, d_model, up, rank, blocks, bias, **kwargs)
+        self.fc2 = make_linear(kind, d_ff, d_model, rank, blocks, bias, **kwargs)
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear | torch.Tensor, fc2: nn.Linear | torch.Tensor,
+                   kind: str, rank: int | None = None, blocks: int | None = None,
+                   activation: str = "swiglu", **kwargs) -> StructuredFFN:
+        """Each projection's best fit (see the linear classes' ``from_dense``): ``fc1`` is the
+        ``[2f, d]`` (SwiGLU: gate rows, then up rows) or ``[f, d]`` weight or ``nn.Linear``,
+        ``fc2`` the ``[d, f]`` one. Biases come along with ``nn.Linear`` inputs."""
+        w2 = fc2.weight if isinstance(fc2, nn.Linear) else fc2
+        ffn = cls.__new__(cls)
+        nn.Module.__init__(ffn)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be 'swiglu' or 'gelu', found {activation!r}")
+        ffn.d_model, ffn.d_ff = w2.shape
+        ffn.kind, ffn.activation = kind, activation
+        ffn.fc1 = linear_from_dense(kind, fc1, rank, blocks, **kwargs)
+        ffn.fc2 = linear_from_dense(kind, fc2, rank, blocks, **kwargs)
+        expected = (2 * ffn.d_ff if activation == "swiglu" else ffn.d_ff, ffn.d_model)
+        found = (ffn.fc1.out_features, ffn.fc1.in_features)
+        if found != expected:
+            raise ValueError(f"fc1 must be [{'2f' if activation == 'swiglu' else 'f'}, d] = "
+                             f"{expected} for fc2 [d, f] = {tuple(w2.shape)}, found {found}")
+        return ffn
+
+    @property
+    def num_params(self) -> int:
+        """Weight parameters of both projections (biases excluded)."""
+        return linear_params(self.fc1) + linear_params(self.fc2)
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-accumulates of the two projections for ``tokens`` tokens."""
+        return self.num_params * _validate.integer("tokens", tokens, 0)
+
+    def merge(self) -> None:
+        """Pre-merges both projections (see :meth:`StructuredLinear.merge`); dense is a no-op."""
+        for fc in (self.fc1, self.fc2):
+            if isinstance(fc, StructuredLinear):
+                fc.merge()
+
+    def unmerge(self) -> None:
+        """Drops the merged copies."""
+        for fc in (self.fc1, self.fc2):
+            if isinstance(fc, StructuredLinear):
+                fc.unmerge()
+
+    def _fused_up(self, x2: torch.Tensor) -> bool:
+        fc1 = self.fc1
+        if self.activation != "swiglu" or type(fc1) not in (LowRankLinear, BlockDenseLinear):
+            return False
+        if fc1.bias is not None:
+            return False
+        needs_grad = torch.is_grad_enabled() and (
+            x2.requires_grad or any(p.requires_grad for p in fc1.parameters()))
+        return fc1.path(x2.shape[0], needs_grad, x2.device) == "structured"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have d_model = {self.d_model} in its last dim, found "
+                             f"shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        if self._fused_up(x2):
+            v = self.fc1.v if self.fc1.v.dim() == 3 else self.fc1.v[None]
+            h = swiglu_up(x2, v, self.fc1.u)
+        elif self.activation == "swiglu":
+            gate, up = self.fc1(x2).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.fc1(x2), approximate="tanh")
+        return self.fc2(h).reshape(*lead, self.d_model)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, kind={self.kind!r}, "
+                f"activation={self.activation!r}")

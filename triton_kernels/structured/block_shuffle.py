@@ -1,0 +1,203 @@
+"""BlockShuffle (Monarch) kernels for prefill and training. The op, its index maps and its
+plain-torch reference live in :mod:`fastdecode.ops.structured`.
+
+Layout. ``x [T, b*p]``, ``w1 [b, m, p]``, ``w2 [b, s, m]`` contiguous. Stage 1 writes
+``h[k*m + i]``; stage 2 block j reads ``z_j[i] = h[i*b + j]`` and writes ``y[o*b + j]``. Every
+permutation here is an affine map of (block, element), so the kernels fold them into their
+pointer arithmetic and no permuted copy is ever made.
+
+Forward: one kernel, both stages. A program owns a tile of BLOCK_T tokens and one stage-2 block
+j. It first computes its z_j tile (m values per token) straight in the shuffled order: z_j[i]
+needs stage-1 block ``k = (i*b + j) // m`` row ``(i*b + j) % m``, so each chunk of i runs one
+masked GEMM per stage-1 block it touches (usually one). It stores z_j in the z layout
+``[T, b, m]`` (kept for the backward), waits at a block barrier, reads it back (L1/L2 resident)
+and runs stage 2, storing y through the output interleave.
+
+Backward: four launches of :func:`block_matmul`, a GEMM over strided index maps: the gradient of
+z (scattered straight into the h layout), of x, of w2 and of w1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _operand(x, DOT_FP32: tl.constexpr):
+    """``x`` as a ``tl.dot`` operand: fp32 with DOT_FP32 (the interpreter's dot multiplies
+    bf16 tiles' raw bits), else unchanged."""
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _block_mm_kernel(A, W, C, M, N, K,
+                     sam, sag, sak, swg, swk, swn, scm, scg, scn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), G)``:
+    ``C[m*scm + g*scg + n*scn] = sum_k A[m*sam + g*sag + k*sak] * W[g*swg + k*swk + n*swn]``,
+    fp32 accumulation, stored in C's dtype."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_base = A + g * sag + rm[:, None] * sam
+    w_base = W + g * swg + rn[None, :] * swn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(a_base + k[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if a.dtype != w.dtype:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(_operand(a, DOT_FP32), _operand(w, DOT_FP32), acc,
+                     input_precision=DOT_PRECISION)
+    c_ptrs = C + g * scg + rm[:, None] * scm + rn[None, :] * scn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _block_shuffle_fwd_kernel(X, W1, W2, Z, Y, T, NB, P, M, S,
+                              BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid ``(cdiv(T, BLOCK_T), b)``: both stages for BLOCK_T tokens and stage-2 block j.
+    Writes ``Z[t, j, :]`` (x's dtype) and ``Y[t, o*b + j]`` for every o."""
+    pid_t = tl.program_id(0)
+    j = tl.program_id(1)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    row_ok = rows < T
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_o = tl.arange(0, BLOCK_O)
+    x_rows = X + rows[:, None] * (NB * P)
+    z_rows = Z + rows[:, None] * (NB * M) + j * M
+
+    # Stage 1 in shuffled order: z_j[i] = h[r], r = i*b + j, from block r // m, row r % m.
+    for i0 in range(0, M, BLOCK_I):
+        i = i0 + offs_i
+        i_ok = i < M
+        r = i * NB + j
+        blk = r // M
+        w1_rows = W1 + (r % M).to(tl.int64) * P
+        k_first = (i0 * NB + j) // M
+        k_last = ((tl.minimum(i0 + BLOCK_I, M) - 1) * NB + j) // M
+        acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in range(k_first, k_last + 1):
+            sel = i_ok & (blk == k)
+            for c0 in range(0, P, BLOCK_C):
+                c = c0 + offs_c
+                c_ok = c < P
+                xt = tl.load(x_rows + k * P + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                             other=0.0)
+                wt = tl.load(w1_rows[None, :] + k * M * P + c[:, None],
+                             mask=c_ok[:, None] & sel[None, :], other=0.0)
+                acc = tl.dot(_operand(xt, DOT_FP32), _operand(wt, DOT_FP32), acc,
+                             input_precision=DOT_PRECISION)
+        tl.store(z_rows + i[None, :], acc.to(Z.dtype.element_ty),
+                 mask=row_ok[:, None] & i_ok[None, :])
+    tl.debug_barrier()  # this program's z_j stores are visible to all its threads
+
+    # Stage 2: u_j = z_j w2_j^T, stored interleaved: y[o*b + j].
+    w2_block = W2 + j.to(tl.int64) * S * M
+    for o0 in range(0, S, BLOCK_O):
+        o = o0 + offs_o
+        o_ok = o < S
+        acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+        for i0 in range(0, M, BLOCK_I):
+            i = i0 + offs_i
+            i_ok = i < M
+            zt = tl.load(z_rows + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+            wt = tl.load(w2_block + o[None, :].to(tl.int64) * M + i[:, None],
+                         mask=i_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(_operand(zt, DOT_FP32), _operand(wt, DOT_FP32), acc,
+                         input_precision=DOT_PRECISION)
+        tl.store(Y + rows[:, None] * (NB * S) + o[None, :] * NB + j, acc.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & o_ok[None, :])
+
+
+def _tiles(n: int, low: int = 16, high: int = 64) -> int:
+    return min(high, max(low, triton.next_power_of_2(n)))
+
+
+def _dot_flags(*tensors: torch.Tensor) -> dict:
+    """The dot precision (fp32 inputs: three tf32 products) and whether to widen operands to
+    fp32 (bf16 under the interpreter)."""
+    fp32 = any(t.dtype == torch.float32 for t in tensors)
+    bf16_cpu = any(t.dtype == torch.bfloat16 and not t.is_cuda for t in tensors)
+    return dict(DOT_PRECISION="tf32x3" if fp32 else "tf32", DOT_FP32=bf16_cpu)
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def block_matmul(a: torch.Tensor, a_strides: tuple[int, int, int], w: torch.Tensor,
+                 w_strides: tuple[int, int, int], c: torch.Tensor,
+                 c_strides: tuple[int, int, int], M: int, N: int, K: int, G: int) -> None:
+    """For every group g < G: ``C[g][m, n] = sum_k A[g][m, k] W[g][k, n]`` where the element
+    offsets are ``A: m*sam + g*sag + k*sak``, ``W: g*swg + k*swk + n*swn`` and
+    ``C: m*scm + g*scg + n*scn`` (the strides given as ``(sam, sag, sak)``, ``(swg, swk, swn)``
+    and ``(scm, scg, scn)``, in elements). Writes into ``c``; fp32 accumulation."""
+    if M == 0 or N == 0 or G == 0:
+        return
+    block_m, block_n, block_k = _tiles(M, high=64), _tiles(N, high=64), _tiles(K, high=32)
+    with _on(a.device):
+        _block_mm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)](
+            a, w, c, M, N, K, *a_strides, *w_strides, *c_strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_flags(a, w),
+            num_warps=4, num_stages=3)
+
+
+def block_shuffle_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward on validated, contiguous arguments: ``(y [T, b*s], z [T, b, m])``."""
+    T = x.shape[0]
+    b, m, p = w1.shape
+    s = w2.shape[1]
+    y = torch.empty(T, b * s, dtype=x.dtype, device=x.device)
+    z = torch.empty(T, b, m, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y, z
+    block_t = _tiles(T, high=64)
+    with _on(x.device):
+        _block_shuffle_fwd_kernel[(triton.cdiv(T, block_t), b)](
+            x, w1, w2, z, y, T, b, p, m, s,
+            BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=32),
+            BLOCK_O=_tiles(s, high=64), **_dot_flags(x), num_warps=4, num_stages=2)
+    return y, z
+
+
+def block_shuffle_backward_triton(gy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
+                                  w2: torch.Tensor, z: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gx, gw1, gw2)`` for contiguous ``gy [T, b*s]``, ``x``, ``w1``, ``w2`` and the saved
+    ``z [T, b, m]``. The gradient of z goes straight into the h layout (x's dtype)."""
+    T = x.shape[0]
+    b, m, p = w1.shape
+    s = w2.shape[1]
+    gh = torch.empty(T, b * m, dtype=x.dtype, device=x.device)
+    gx = torch.empty_like(x)
+    gw1 = torch.empty_like(w1)
+    gw2 = torch.empty_like(w2)
+    # gz_j[t, i] = sum_o gy[t, o*b + j] w2[j, o, i], stored at gh[t, i*b + j].
+    block_matmul(gy, (b * s, 1, b), w2, (s * m, m, 1), gh, (b * m, 1, b), T, m, s, b)
+    # gx[t, k*p + c] = sum_i gh[t, k*m + i] w1[k, i, c].
+    block_matmul(gh, (b * m, m, 1), w1, (m * p, p, 1), gx, (b * p, p, 1), T, p, m, b)
+    # gw2[j, o, i] = sum_t gy[t, o*b + j] z[t, j, i].
+    block_matmul(gy, (b, 1, b * s), z, (m, b * m, 1), gw2, (m, s * m, 1), s, m, T, b)
+    # gw1[k, i, c] = sum_t gh[t, k*m + i] x[t, k*p + c].
+    block_matmul(gh, (1, m, b * m), x, (p, b * p, 1), gw1, (p, m * p, 1), m, p, T, b)
+    return gx, gw1, gw2

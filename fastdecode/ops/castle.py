@@ -85,14 +85,28 @@ def castle_attention_reference(qc, kc, vc, qu, ku, vu, window: int, scale: float
 
 def castle_attention_backward_reference(dout, qc, kc, vc, qu, ku, vu, out, lse, ul,
                                         window: int, scale: float):
-    """The ``torch`` backend of the backward: the gradients of the six inputs, by autograd
-    through :func:`_dense_forward` in the state dtype (``out``, ``lse``, ``ul`` go unused)."""
-    with torch.enable_grad():
-        xs = [x.detach().to(_state_dtype(qc.dtype)).requires_grad_() for x in
-              (qc, kc, vc, qu, ku, vu)]
-        o = _dense_forward(*xs, window, scale)[0]
-        grads = torch.autograd.grad(o, xs, dout.to(o.dtype))
-    return tuple(g.to(qc.dtype) for g in grads)
+    """The ``torch`` backend of the backward: the gradients of the six inputs by the dense
+    formulas of Theorem 1's chain rule, in the state dtype (the probabilities are recomputed,
+    so ``out``, ``lse`` and ``ul`` go unused)."""
+    sd = _state_dtype(qc.dtype)
+    qc, kc, vc, qu, ku, vu, do = (x.to(sd) for x in (qc, kc, vc, qu, ku, vu, dout))
+    L = qc.shape[2]
+    pos = torch.arange(L, device=qc.device)
+    low = pos[:, None] >= pos[None, :]
+    allowed = _lookahead_allowed(pos, pos, window)
+    a = torch.where(low, scale * qc @ vu.mT, 0.0)
+    g = torch.where(allowed, torch.sigmoid(scale * qu @ ku.mT), 0.0)
+    su = a @ g.mT
+    z = torch.where(low, scale * qc @ kc.mT - F.silu(su), float("-inf"))
+    p = torch.softmax(z, -1)
+    dz = p * (do @ vc.mT - (do * (p @ vc)).sum(-1, keepdim=True))
+    sig = torch.sigmoid(su)
+    dsu = torch.where(low, -dz * sig * (1 + su * (1 - sig)), 0.0)  # through -SiLU
+    da = torch.where(low, dsu @ g, 0.0)
+    dlogit = torch.where(allowed, dsu.mT @ a, 0.0) * g * (1 - g)  # through the sigmoid
+    grads = (scale * (dz @ kc + da @ vu), scale * dz.mT @ qc, p.mT @ do,
+             scale * dlogit @ ku, scale * dlogit.mT @ qu, scale * da.mT @ qc)
+    return tuple(x.to(dout.dtype) for x in grads)
 
 
 def _forward_triton(qc, kc, vc, qu, ku, vu, window: int, scale: float):
@@ -148,25 +162,22 @@ def _(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window, scale):
     return tuple(torch.empty_like(x) for x in (qc, kc, vc, qu, ku, vu))
 
 
-class _CastleFunction(torch.autograd.Function):
-    """Autograd around the forward and backward ops (each dispatched to one backend)."""
+def _setup_context(ctx, inputs, output) -> None:
+    qc, kc, vc, qu, ku, vu, window, scale = inputs
+    ctx.save_for_backward(qc, kc, vc, qu, ku, vu, *output)
+    ctx.window, ctx.scale = window, scale
 
-    @staticmethod
-    def forward(ctx, qc, kc, vc, qu, ku, vu, window: int, scale: float):
-        out, lse, ul = dispatch("castle_attention", _castle_attention_op, qc.device, qc, kc, vc,
-                                qu, ku, vu, window, scale)
-        ctx.save_for_backward(qc, kc, vc, qu, ku, vu, out, lse, ul)
-        ctx.window, ctx.scale = window, scale
-        ctx.mark_non_differentiable(lse, ul)
-        return out, lse, ul
 
-    @staticmethod
-    def backward(ctx, dout, _dlse, _dul):
-        qc, kc, vc, qu, ku, vu, out, lse, ul = ctx.saved_tensors
-        grads = dispatch("castle_attention_backward", _castle_backward_op, qc.device,
-                         dout.contiguous(), qc, kc, vc, qu, ku, vu, out, lse, ul, ctx.window,
-                         ctx.scale)
-        return (*grads, None, None)
+def _backward(ctx, dout, _dlse, _dul):
+    qc, kc, vc, qu, ku, vu, out, lse, ul = ctx.saved_tensors
+    grads = dispatch("castle_attention_backward", _castle_backward_op, qc.device,
+                     dout.contiguous(), qc, kc, vc, qu, ku, vu, out, lse, ul, ctx.window,
+                     ctx.scale)
+    return (*grads, None, None)
+
+
+# Gradients flow to the six inputs only (the log-sum-exp and U^L are by-products).
+_castle_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public, validated parallel form ---------------------------------------------------------
@@ -239,7 +250,10 @@ def castle_attention(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, qu: t
     scale = _check_scale(scale, qc.shape[3])
     if qc.shape[2] == 0:
         raise ValueError(f"qc must have L >= 1 tokens, found shape {tuple(qc.shape)}")
-    return _CastleFunction.apply(*tensors, window, scale)[0]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _castle_attention_op(*tensors, window, scale)[0]  # through its autograd
+    return dispatch("castle_attention", _castle_attention_op, qc.device, *tensors, window,
+                    scale)[0]
 
 
 def castle_attention_naive(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdecode.nn import (
+from fastdecode.nn.ffn import StructuredFFN
+from fastdecode.nn.structured_linear import (
     BlockDenseLinear,
     BlockShuffleLinear,
     LowRankLinear,
-    StructuredFFN,
     StructuredLinear,
 )
 from fastdecode.nn.structured_linear import linear_from_dense, make_linear

@@ -9,15 +9,12 @@ import math
 import pytest
 import torch
 
-from fastdecode.nn import (
+from fastdecode.nn.ffn import StructuredFFN
+from fastdecode.nn.self_guided import SelfGuided, guide_alpha, self_guide, step_self_guided
+from fastdecode.nn.structured_linear import (
     BlockDenseLinear,
     BlockShuffleLinear,
     LowRankLinear,
-    SelfGuided,
-    StructuredFFN,
-    guide_alpha,
-    self_guide,
-    step_self_guided,
 )
 
 

@@ -3,7 +3,8 @@ causal LM one draft tree at a time. Importing this package registers the attenti
 
 from fastdecode.hf.attention import register
 from fastdecode.hf.model import TreeRunner, TreeStep, check_model
+from fastdecode.hf.structure import structure_model
 
 register()
 
-__all__ = ["TreeRunner", "TreeStep", "check_model", "register"]
+__all__ = ["TreeRunner", "TreeStep", "check_model", "register", "structure_model"]

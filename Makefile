@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-ready
 BUILT := $(VENV)/.fastdecode-built
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test bench gpu-check train-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -36,6 +36,16 @@ bench: $(BUILT)
 # tests and the whole suite on the GPU, then every benchmark; results and a log under $OUT.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Tiny LMs with standard attention, CASTLE and CASTLE-SWL (bench/train_tiny.py), a longer run
+# than gpu-check's: TRAIN_MINUTES of wall time on the GPU when there is one, else the CPU. Like
+# gpu-check it uses $(PYTHON) directly (the GPU machine has no network to build a venv); here:
+# make train-tiny PYTHON=.venv/bin/python
+TRAIN_MINUTES ?= 8
+train-tiny:
+	$(PYTHON) -c "import fastdecode" 2>/dev/null || \
+		$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) bench/train_tiny.py --minutes $(TRAIN_MINUTES)
 
 clean:
 	rm -rf build $(VENV) fastdecode/_C*.so *.egg-info

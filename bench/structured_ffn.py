@@ -13,15 +13,22 @@ Sections (each row carries its time and the ratio ``vs dense`` = dense time / ro
   product);
 * ``train``: forward + backward on T tokens;
 * ``linear``: one d -> 4d projection against ``nn.Linear`` at the largest T;
+* ``swiglu``: a LLaMA-shaped SwiGLU FFN (CUDA: d 4096, f 11008, T 8192; LowRank r = 1024,
+  31.2%) with gate and up as ONE structured layer: forward through the fused up-projection
+  kernel and through plain torch, and a training step;
 * ``decode``: T in {1, 8} tokens, no grad: the structured decoding kernels (``structured``),
   the pre-merged dense weight (``merged``) and the dense FFN, eager and (CUDA) replayed from a
   CUDA graph. ``GB/s`` = weight bytes read / time, and ``of copy`` its share of the measured
   device copy bandwidth (a large tensor copy: bytes read + written over time).
 
-On CUDA (bf16): widths 2048 and 5120 with T in {1, 16, 256, 2048, 30720}, widths 4096 and 6144
-at T = 30720, training at T = 8192 and width 5120, decode at widths 2048 and 5120; the run
-stops adding sections past a ~80 s budget (``make gpu-check`` runs every benchmark in one
-call). On the CPU (fp32): widths 256 and 512, T up to 2048. ``--quick``: fewer shapes.
+On CUDA, BlockShuffle forward rows are also timed on the plain-torch backend (``[torch]``,
+batched GEMMs and permutation copies) beside the default fused Triton kernel.
+
+On CUDA (bf16), most important first: decode at widths 5120 and 2048, the forward at width
+5120 with T in {1, 16, 256, 2048, 30720}, training at T = 8192, the SwiGLU section, the one
+projection, then the forward at width 2048 (same T) and at widths 4096 and 6144 (T = 30720);
+the run stops adding sections past a ~80 s budget (``make gpu-check`` runs every benchmark in
+one call) and lists what it skipped. On the CPU (fp32): widths 256 and 512, T up to 2048. ``--quick``: fewer shapes.
 
 Usage: python bench/structured_ffn.py [--device cpu|cuda] [--out DIR] [--quick]
 Writes structured_ffn.json, structured_ffn.md and structured_ffn.png into DIR (default
@@ -32,6 +39,7 @@ given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import time
@@ -42,6 +50,7 @@ from typing import Callable
 import torch
 
 import fastdecode
+from fastdecode import use_backend
 from fastdecode.nn.ffn import StructuredFFN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,6 +137,14 @@ def copy_bandwidth(runner: Runner) -> float | None:
     return 2 * src.numel() * 2 / (timing.median_us * 1e-6) / 1e9
 
 
+def backends(cfg: dict, device: torch.device) -> list[str | None]:
+    """The backends to time: the default choice, plus the plain-torch one for BlockShuffle
+    where the default is a Triton kernel."""
+    if cfg["kind"] == "blockshuffle" and device.type == "cuda":
+        return [None, "torch"]
+    return [None]
+
+
 def prefill(runner: Runner, d: int, tokens: list[int], dtype: torch.dtype) -> None:
     for cfg in configs(d):
         if runner.over_budget(f"prefill d={d} {label(cfg)}"):
@@ -135,11 +152,39 @@ def prefill(runner: Runner, d: int, tokens: list[int], dtype: torch.dtype) -> No
         ffn = build(d, cfg, runner.device, dtype).eval()
         for T in tokens:
             x = torch.randn(T, d, device=runner.device, dtype=dtype)
-            with torch.no_grad():
-                runner.time(lambda: ffn(x), section="prefill", width=d, tokens=T,
-                            impl=label(cfg), kind=cfg["kind"], mode="eager",
-                            params=ffn.num_params)
+            for backend in backends(cfg, runner.device):
+                with torch.no_grad(), forced(backend):
+                    runner.time(lambda: ffn(x), section="prefill", width=d, tokens=T,
+                                impl=label(cfg) + (f" [{backend}]" if backend else ""),
+                                kind=cfg["kind"], mode="eager", params=ffn.num_params)
         del ffn
+
+
+def forced(backend: str | None):
+    return use_backend(backend) if backend else contextlib.nullcontext()
+
+
+def swiglu(runner: Runner, d: int, f: int, rank: int, T: int, dtype: torch.dtype) -> None:
+    """A LLaMA-shaped SwiGLU FFN: dense against LowRank with gate and up fused into one
+    ``d -> 2f`` layer, forward through the fused up-projection kernel (default backend) and
+    through plain torch, and a training step."""
+    for kind in ("dense", "lowrank"):
+        if runner.over_budget(f"swiglu {kind}"):
+            return
+        ffn = StructuredFFN(d, f, kind, rank=rank if kind == "lowrank" else None,
+                            device=runner.device, dtype=dtype)
+        impl = "dense SwiGLU" if kind == "dense" else f"lowrank SwiGLU (r={rank})"
+        x = torch.randn(T, d, device=runner.device, dtype=dtype)
+        base = dict(section="swiglu", width=d, tokens=T, kind=kind, params=ffn.num_params,
+                    dense_params=3 * d * f)
+        for backend in [None] + (["torch"] if kind == "lowrank" and x.is_cuda else []):
+            with torch.no_grad(), forced(backend):
+                runner.time(lambda: ffn(x), impl=impl + (f" [{backend}]" if backend else ""),
+                            mode="eager", **base)
+        xg = x.clone().requires_grad_()
+        gy = torch.randn_like(x)
+        runner.time(lambda: ffn(xg).backward(gy), impl=impl, mode="fwd+bwd", **base)
+        del ffn, x, xg, gy
 
 
 def train(runner: Runner, d: int, T: int, dtype: torch.dtype) -> None:
@@ -204,8 +249,9 @@ def add_ratios(rows: list[dict]) -> None:
         base = dense.get((r["section"], r["width"], r["tokens"], r["mode"]))
         if base and "median_us" in r:
             r["vs_dense"] = base / r["median_us"]
-        r["param_ratio"] = r["params"] / (8 * r["width"] ** 2 if r["section"] != "linear"
-                                          else 4 * r["width"] ** 2)
+        dense_params = r.get("dense_params") or (4 * r["width"] ** 2 if r["section"] == "linear"
+                                                 else 8 * r["width"] ** 2)
+        r["param_ratio"] = r["params"] / dense_params
 
 
 def check(device: torch.device, dtype: torch.dtype) -> None:
@@ -254,6 +300,7 @@ def markdown(report: dict) -> str:
     for section, title in (("prefill", "Forward (no grad), structured path"),
                            ("train", "Training step (forward + backward)"),
                            ("linear", "One d -> 4d projection against nn.Linear"),
+                           ("swiglu", "SwiGLU FFN, gate and up as one structured layer"),
                            ("decode", "Decode")):
         rows = [r for r in report["rows"] if r["section"] == section]
         if not rows:
@@ -262,6 +309,9 @@ def markdown(report: dict) -> str:
         if section == "decode":
             lines += ["| width | T | impl | path | mode | params | µs | vs dense | GB/s | of copy |",
                       "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        elif section == "swiglu":
+            lines += ["| width | T | impl | mode | params | µs | vs dense |",
+                      "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
         else:
             lines += ["| width | T | impl | params | µs | vs dense |",
                       "| ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -274,6 +324,9 @@ def markdown(report: dict) -> str:
                 share = f"{r['of_copy']:.0%}" if "of_copy" in r else "-"
                 lines.append(f"{head} {r['path']} | {r['mode']} | {ratio} | {us} | "
                              f"{fmt_ratio(r.get('vs_dense'))} | {gbs} | {share} |")
+            elif section == "swiglu":
+                lines.append(f"{head} {r['mode']} | {ratio} | {us} | "
+                             f"{fmt_ratio(r.get('vs_dense'))} |")
             else:
                 lines.append(f"{head} {ratio} | {us} | {fmt_ratio(r.get('vs_dense'))} |")
     return "\n".join(lines) + "\n"
@@ -344,16 +397,18 @@ def main(argv: list[str] | None = None) -> None:
     check(device, dtype)
     copy_gbs = copy_bandwidth(runner)
     if cuda:
-        sweep = [(2048, [1, 16, 256, 2048, 30720]), (5120, [1, 16, 256, 2048, 30720])]
-        sweep += [(4096, [30720]), (6144, [30720])]
-        if args.quick:
-            sweep = [(5120, [16, 30720])]
-        for d, tokens in sweep:
-            prefill(runner, d, tokens, dtype)
-        train(runner, 5120, 8192, dtype)
-        linear(runner, 5120, 30720, dtype)
-        for d in ((5120,) if args.quick else (2048, 5120)):
+        # Most important first: the run stops adding sections past the budget.
+        for d in ((5120,) if args.quick else (5120, 2048)):
             decode(runner, d, dtype, copy_gbs)
+        sweep = [(5120, [16, 30720] if args.quick else [1, 16, 256, 2048, 30720])]
+        if not args.quick:
+            sweep += [(2048, [1, 16, 256, 2048, 30720]), (4096, [30720]), (6144, [30720])]
+        prefill(runner, *sweep[0], dtype)
+        train(runner, 5120, 8192, dtype)
+        swiglu(runner, 4096, 11008, 1024, 8192, dtype)
+        linear(runner, 5120, 30720, dtype)
+        for d, tokens in sweep[1:]:
+            prefill(runner, d, tokens, dtype)
     else:
         sweep = [(256, [1, 16, 256, 2048]), (512, [1, 16, 256, 2048])]
         if args.quick:
@@ -362,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             prefill(runner, d, tokens, dtype)
         train(runner, 512, 512, dtype)
         linear(runner, 512, 2048, dtype)
+        swiglu(runner, 512, 1376, 128, 512, dtype)
         decode(runner, 512, dtype, copy_gbs)
     add_ratios(runner.rows)
     try:

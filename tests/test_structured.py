@@ -405,3 +405,30 @@ def test_make_linear_dense_init() -> None:
     torch.manual_seed(0)
     layer = make_linear("dense", 256, 256)
     assert isinstance(layer, nn.Linear) and abs(layer.weight.std().item() - 0.02) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("kind,rank,blocks", FFN_CASES[1:])
+def test_ffn_decode_path_on_gpu(kind: str, rank, blocks) -> None:
+    """On CUDA, T <= 16 without grad runs the decoding kernels (and the merged GEMV once
+    merged); both match the prefill path row for row and capture in a CUDA graph."""
+    ffn = StructuredFFN(64, 128, kind, rank=rank, blocks=blocks, device="cuda",
+                        dtype=torch.bfloat16).eval()
+    x = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        prefill = ffn(x).float()
+        assert ffn.fc1.path(3, False, x.device) == "decode"
+        for merged in (False, True):
+            if merged:
+                ffn.merge()
+            for T in (1, 3, 8):
+                got = ffn(x[:T]).float()
+                err = ((got - prefill[:T]).norm() / prefill[:T].norm()).item()
+                assert err < 3e-2, (merged, T, err)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = ffn(x[:1])
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all()

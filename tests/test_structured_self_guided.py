@@ -162,3 +162,21 @@ def test_bad_arguments() -> None:
         SelfGuided(LowRankLinear(4, 4, 2), -1)
     with pytest.raises(ValueError):
         SelfGuided(LowRankLinear(4, 4, 2), 3, schedule="step")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_forward_captures_in_a_cuda_graph() -> None:
+    """No device-to-host sync in the forward (a sync inside capture raises)."""
+    for stochastic in (False, True):
+        sg = SelfGuided(LowRankLinear(64, 32, 16).cuda(), 10, stochastic=stochastic).cuda()
+        sg.step()
+        x = torch.randn(4, 64, device="cuda")
+        with torch.no_grad():
+            sg(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = sg(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all()

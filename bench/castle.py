@@ -237,11 +237,11 @@ def castle_step(B: int, H: int, t: int, D: int, dtype, device) -> Callable[[], t
     scale = 1 / math.sqrt(D)
 
     def step() -> torch.Tensor:
-        state.qu[:, :, t:t + 1] = qu
+        state.lookahead_queries(t, t + 1)[:] = qu
         state.kc[:, :, t:t + 1] = kc
         state.vc[:, :, t:t + 1] = vc
-        return _backend.run("castle_decode", device, state.u, state.qu, state.kc, state.vc, t,
-                            qc, ku, vu, -1, scale)
+        return _backend.run("castle_decode", device, state.u, state.qu, state.qu_base, state.kc,
+                            state.vc, t, qc, ku, vu, -1, scale)
 
     return step
 

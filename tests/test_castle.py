@@ -197,7 +197,7 @@ def splits_of(L: int, rng: random.Random) -> list[int]:
 def test_decode_and_prefill_match_parallel(device, window, dtype):
     """Token-by-token decode, chunked prefill at random splits, and a whole-prompt prefill
     followed by decode all equal the parallel form; the final cache holds U^L."""
-    B, H, L, D = 2, 2, 23, 16
+    B, H, L, D = 2, 2, 53, 16
     x = inputs(B, H, L, D, dtype, device, seed=3)
     want = on("torch", castle_attention, *x, window=window, scale=0.25)
     _, _, ul = fastdecode.ops.castle.castle_attention_reference(
@@ -206,7 +206,7 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
     for backend in backends_on(device):
         with fastdecode.use_backend(backend):
             runs = {"decode": [1] * L, "random chunks": splits_of(L, rng),
-                    "prompt + decode": [9] + [1] * (L - 9)}
+                    "prompt + decode": [19] + [1] * (L - 19)}
             for name, sizes in runs.items():
                 cache = CastleCache(num_layers=2, window=window)
                 outs, pos = [], 0
@@ -220,6 +220,10 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
                 assert got.dtype == dtype, name
                 assert_close(got, want, dtype)
                 assert_close(cache.lookahead_keys(1), ul, dtype)
+                if window is not None:  # old lookahead queries were dropped
+                    state = cache.layers[1]
+                    assert state.qu.shape[2] <= 2 * (window + max(sizes)) + 16
+                    assert state.qu_base >= L - 2 * (window + max(sizes)) - 16
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -236,7 +240,7 @@ def test_decode_kernel_split_kv(device):
             cache = CastleCache(window=None if window < 0 else window)
             castle_prefill(cache, *(v[:, :, :L - 1] for v in x))
             state = cache._append(0, *(v[:, :, L - 1:] for v in x), cache.layers[0].scale)
-            out = castle_decode_triton(state.u, state.qu, state.kc, state.vc, L - 1,
+            out = castle_decode_triton(state.u, state.qu, state.qu_base, state.kc, state.vc, L - 1,
                                        x[0][:, :, L - 1:], x[4][:, :, L - 1:],
                                        x[5][:, :, L - 1:], window, 1 / math.sqrt(D), splits)
             results.append((out, state.u[:, :, :L].clone()))

@@ -286,10 +286,12 @@ def castle_attention_naive(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
 
 @dataclass
 class _LayerState:
-    """One layer's cache: rows ``[0, length)`` of ``u`` (state dtype) and of ``qu``, ``kc``,
-    ``vc`` (the model dtype), all ``[B, H, capacity, D]``; plus the rollback record since the
-    last checkpoint: the lookahead-key rows that later tokens could change, as they were, and the
-    lookahead keys and values of the tokens added since."""
+    """One layer's cache: rows ``[0, length)`` of ``u`` (state dtype), ``kc`` and ``vc`` (the
+    model dtype), ``[B, H, capacity, D]``; ``qu`` ``[B, H, qu_capacity, D]`` holds the lookahead
+    queries of tokens ``[qu_base, length)`` (with a window W, older ones are never read again
+    and get dropped); plus the rollback record since the last checkpoint: the lookahead-key rows
+    that later tokens could change, as they were, and the lookahead keys and values of the
+    tokens added since."""
 
     u: torch.Tensor
     qu: torch.Tensor
@@ -297,35 +299,49 @@ class _LayerState:
     vc: torch.Tensor
     scale: float
     length: int = 0
+    qu_base: int = 0
     saved_at: int | None = None
     saved_from: int = 0
     saved_u: torch.Tensor | None = None
     ku_log: list | None = None
     vu_log: list | None = None
 
-    def grow(self, need: int) -> None:
-        """Makes room for ``need`` rows (doubling the capacity)."""
+    def grow(self, need: int, keep_qu_from: int = 0) -> None:
+        """Makes room for ``need`` rows (doubling the capacity). ``qu`` keeps only the rows from
+        ``keep_qu_from`` on when it has to move: it then holds about twice the rows kept."""
         cap = self.u.shape[2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, 16)
-        for name in ("u", "qu", "kc", "vc"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
-            new[:, :, :self.length] = old[:, :, :self.length]
-            setattr(self, name, new)
+        if need > cap:
+            new_cap = max(need, 2 * cap, 16)
+            for name in ("u", "kc", "vc"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                setattr(self, name, new)
+        if need - self.qu_base > self.qu.shape[2]:
+            first = max(keep_qu_from, self.qu_base)
+            old = self.qu
+            new = old.new_zeros(*old.shape[:2], max(2 * (need - first), 16), old.shape[3])
+            new[:, :, :self.length - first] = old[:, :, first - self.qu_base:self.length
+                                                  - self.qu_base]
+            self.qu, self.qu_base = new, first
+
+    def lookahead_queries(self, first: int, end: int) -> torch.Tensor:
+        """The cached lookahead queries of tokens ``[first, end)`` (a view)."""
+        return self.qu[:, :, first - self.qu_base:end - self.qu_base]
 
 
 class CastleCache:
     """The UQ-KV cache of a CASTLE model: per layer, the current lookahead keys U (fp32, fp64
-    for fp64 models) and the lookahead queries Q^U, causal keys K^C and values V^C of every
-    cached token, each ``[B, H, capacity, D]`` (valid rows ``[0, length)``; the capacity grows by
+    for fp64 models) and the lookahead queries Q^U, causal keys K^C and values V^C of the
+    cached tokens, each ``[B, H, capacity, D]`` (valid rows ``[0, length)``; the capacity grows by
     doubling). All rows of a batch share one length.
 
     Args:
         num_layers: how many layers (a layer's state is made by its first call).
         window: None for full lookahead, or the CASTLE-SWL window W (must match the model's).
-            With a window only the last W rows of U ever change.
+            With a window only the last W rows of U ever change, and only the last W lookahead
+            queries are ever read again: older ones are dropped when the Q^U buffer moves, so it
+            holds about 2 W rows (plus the tokens of one call) instead of all of them.
 
     Rollback after speculative steps: call :meth:`checkpoint` before the draft tokens are fed,
     then :meth:`crop` to the accepted length. The lookahead keys are restored from the copy that
@@ -418,8 +434,11 @@ class CastleCache:
                 raise ValueError(f"scale {scale} differs from the {state.scale} the cache of "
                                  f"layer {layer} was filled with")
         t0 = state.length
-        state.grow(t0 + C)
-        state.qu[:, :, t0:t0 + C] = qu
+        keep = 0 if self.window is None else max(0, t0 - self.window)  # Q^U rows still read
+        if state.saved_at is not None:
+            keep = min(keep, state.saved_from)  # a rollback replays from there
+        state.grow(t0 + C, keep)
+        state.lookahead_queries(t0, t0 + C)[:] = qu
         state.kc[:, :, t0:t0 + C] = kc
         state.vc[:, :, t0:t0 + C] = vc
         state.u[:, :, t0:t0 + C] = 0
@@ -441,7 +460,7 @@ def _update_lookahead(state: _LayerState, t0: int, ku: torch.Tensor, vu: torch.T
     first = 0 if window == NO_WINDOW else max(0, t0 - window)
     s = torch.arange(first, t0 + C, device=ku.device)
     r = torch.arange(t0, t0 + C, device=ku.device)
-    logits = scale * state.qu[:, :, first:t0 + C].to(sd) @ ku.to(sd).transpose(-1, -2)
+    logits = scale * state.lookahead_queries(first, t0 + C).to(sd) @ ku.to(sd).transpose(-1, -2)
     g = torch.where(_lookahead_allowed(s, r, window), torch.sigmoid(logits), 0.0)
     state.u[:, :, first:t0 + C] += g @ vu.to(sd)
 
@@ -449,13 +468,16 @@ def _update_lookahead(state: _LayerState, t0: int, ku: torch.Tensor, vu: torch.T
 # ---- chunked prefill and decode (the ``torch`` backends) -------------------------------------
 
 
-def castle_chunk_reference(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: torch.Tensor,
-                           vc_cache: torch.Tensor, t0: int, qc: torch.Tensor, ku: torch.Tensor,
-                           vu: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+def castle_chunk_reference(u: torch.Tensor, qu_cache: torch.Tensor, qu_base: int,
+                           kc_cache: torch.Tensor, vc_cache: torch.Tensor, t0: int,
+                           qc: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, window: int,
+                           scale: float) -> torch.Tensor:
     """One step of the chunked formula for C new tokens at rows ``[t0, t0 + C)``, in place.
 
-    ``u`` (state dtype) and the caches are ``[B, H, capacity, D]`` whose rows ``[0, t0 + C)``
-    are filled, the new tokens' Q^U, K^C, V^C included and their U rows zero. ``qc``, ``ku``,
+    ``u`` (state dtype), ``kc_cache`` and ``vc_cache`` are ``[B, H, capacity, D]`` whose rows
+    ``[0, t0 + C)`` are filled, the new tokens' K^C, V^C included and their U rows zero;
+    ``qu_cache`` row i holds the lookahead query of token ``qu_base + i`` (every token that
+    the new ones write into, from ``t0 - window`` on, and the new ones). ``qc``, ``ku``,
     ``vu``: ``[B, H, C, D]``. Scores of the new queries against old keys use the cached U plus
     the in-chunk contributions ``A G^T``; then U gains the chunk's updates. Returns the new
     tokens' outputs ``[B, H, C, D]`` in qc's dtype.
@@ -470,7 +492,8 @@ def castle_chunk_reference(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: to
     a = torch.where(pos_new[:, None] >= pos_new[None, :], scale * q @ vu.to(sd).transpose(-1, -2),
                     0.0)  # A[t, r] over the chunk, r <= t
     g = torch.where(_lookahead_allowed(s, pos_new, window),
-                    torch.sigmoid(scale * qu_cache[:, :, first:n].to(sd) @ ku.to(sd).transpose(-1, -2)),
+                    torch.sigmoid(scale * qu_cache[:, :, first - qu_base:n - qu_base].to(sd)
+                                  @ ku.to(sd).transpose(-1, -2)),
                     0.0)  # G[s, r] for changing rows s, chunk tokens r
     su = scale * q @ u[:, :, :n].transpose(-1, -2)  # frozen part: cached U (new rows are 0)
     su[..., first:n] += a @ g.transpose(-1, -2)
@@ -482,17 +505,19 @@ def castle_chunk_reference(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: to
     return out.to(qc.dtype)
 
 
-def castle_decode_reference(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, window: int,
-                            scale: float) -> torch.Tensor:
+def castle_decode_reference(u, qu_cache, qu_base: int, kc_cache, vc_cache, t0: int, qc, ku, vu,
+                            window: int, scale: float) -> torch.Tensor:
     """The ``torch`` backend of :func:`castle_decode`: the chunked formula with C = 1."""
-    return castle_chunk_reference(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale)
+    return castle_chunk_reference(u, qu_cache, qu_base, kc_cache, vc_cache, t0, qc, ku, vu,
+                                  window, scale)
 
 
-def _decode_triton(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, window: int,
-                   scale: float) -> torch.Tensor:
+def _decode_triton(u, qu_cache, qu_base: int, kc_cache, vc_cache, t0: int, qc, ku, vu,
+                   window: int, scale: float) -> torch.Tensor:
     from fastdecode.triton_kernels.castle.decode import castle_decode_triton
 
-    return castle_decode_triton(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale)
+    return castle_decode_triton(u, qu_cache, qu_base, kc_cache, vc_cache, t0, qc, ku, vu, window,
+                                scale)
 
 
 register("castle_decode", "torch")(castle_decode_reference)
@@ -500,15 +525,16 @@ register("castle_decode", "triton")(_decode_triton)
 
 
 @torch.library.custom_op("fastdecode::castle_decode", mutates_args=("u",))
-def _castle_decode_op(u: torch.Tensor, qu_cache: torch.Tensor, kc_cache: torch.Tensor,
-                      vc_cache: torch.Tensor, t0: int, qc: torch.Tensor, ku: torch.Tensor,
-                      vu: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    return run("castle_decode", qc.device, u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu,
-               window, scale)
+def _castle_decode_op(u: torch.Tensor, qu_cache: torch.Tensor, qu_base: int,
+                      kc_cache: torch.Tensor, vc_cache: torch.Tensor, t0: int, qc: torch.Tensor,
+                      ku: torch.Tensor, vu: torch.Tensor, window: int, scale: float
+                      ) -> torch.Tensor:
+    return run("castle_decode", qc.device, u, qu_cache, qu_base, kc_cache, vc_cache, t0, qc, ku,
+               vu, window, scale)
 
 
 @_castle_decode_op.register_fake
-def _(u, qu_cache, kc_cache, vc_cache, t0, qc, ku, vu, window, scale):
+def _(u, qu_cache, qu_base, kc_cache, vc_cache, t0, qc, ku, vu, window, scale):
     return torch.empty_like(qc)
 
 
@@ -547,8 +573,8 @@ def castle_decode(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: to
                          f"{tuple(qc.shape)}; use castle_prefill for more")
     state = cache._append(layer, qc, kc, vc, qu, ku, vu, scale)
     t0 = state.length
-    out = dispatch("castle_decode", _castle_decode_op, qc.device, state.u, state.qu, state.kc,
-                   state.vc, t0, qc, ku, vu, cache._w(), scale)
+    out = dispatch("castle_decode", _castle_decode_op, qc.device, state.u, state.qu,
+                   state.qu_base, state.kc, state.vc, t0, qc, ku, vu, cache._w(), scale)
     state.length = t0 + 1
     return out
 
@@ -588,7 +614,7 @@ def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: t
         q, k, v, qu_, ku_, vu_ = (x[:, :, part] for x in (qc, kc, vc, qu, ku, vu))
         state = cache._append(layer, q, k, v, qu_, ku_, vu_, scale)
         t0 = state.length
-        outs.append(castle_chunk_reference(state.u, state.qu, state.kc, state.vc, t0, q, ku_,
-                                           vu_, window, scale))
+        outs.append(castle_chunk_reference(state.u, state.qu, state.qu_base, state.kc,
+                                           state.vc, t0, q, ku_, vu_, window, scale))
         state.length = t0 + q.shape[2]
     return torch.cat(outs, 2)

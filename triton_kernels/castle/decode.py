@@ -2,9 +2,11 @@
 UQ-KV cache and attends over the cache, in one pass. The op, its contract and its plain-torch
 reference live in :mod:`fastdecode.ops.castle`.
 
-Layout. The caches ``U`` (state dtype), ``QU``, ``KC``, ``VC`` are ``[B, H, capacity, D]`` with
-one set of strides and unit stride on D; rows ``[0, t0]`` are filled, row t0 being the new token
-(its U row zero). ``QC``, ``KU``, ``VU`` are the new token's vectors, contiguous ``[B, H, 1, D]``.
+Layout. The caches ``U`` (state dtype), ``KC``, ``VC`` are ``[B, H, capacity, D]`` with one set
+of strides and unit stride on D; rows ``[0, t0]`` are filled, row t0 being the new token (its U
+row zero). ``QU`` ``[B, H, qu_capacity, D]`` (its own strides, unit stride on D) holds the
+lookahead query of token ``qu_base + i`` in row i, at least for the tokens the new one writes
+into. ``QC``, ``KU``, ``VU`` are the new token's vectors, contiguous ``[B, H, 1, D]``.
 
 One program owns one (batch row, head) and a slice of the cache rows. For each tile of rows s
 it loads Q^U_s and U_s, adds ``sigmoid(c q^U_s . k^U) v^U`` to the rows that the new token
@@ -31,11 +33,11 @@ MIN_SPLIT_ROWS = 256
 MAX_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["t0"])  # t0 moves every step: no recompiles
+@triton.jit(do_not_specialize=["t0", "qu_base"])  # they move every step: no recompiles
 def _castle_decode_kernel(
     U, QU, KC, VC, QC, KU, VU, OUT, M_PART, L_PART,
-    BH, D, t0, window, scale, num_splits,
-    stride_b, stride_h, stride_s, H,
+    BH, D, t0, qu_base, window, scale, num_splits,
+    stride_b, stride_h, stride_s, qu_stride_b, qu_stride_h, qu_stride_s, H,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Grid ``(B * H, num_splits)``. Without SPLIT, writes ``OUT[bh, :]`` (the inputs' dtype);
@@ -54,6 +56,7 @@ def _castle_decode_kernel(
     ku = tl.load(KU + vec, mask=d_ok, other=0.0).to(sd)
     vu = tl.load(VU + vec, mask=d_ok, other=0.0).to(sd)
     cache = b * stride_b + h * stride_h
+    qu_rows = QU + b * qu_stride_b + h * qu_stride_h
 
     n = t0 + 1
     chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
@@ -69,7 +72,8 @@ def _castle_decode_kernel(
         upd = s_ok & (s < t0) & (s >= first)
         tile = cache + s[:, None] * stride_s + offs_d[None, :]
         m2 = s_ok[:, None] & d_ok[None, :]
-        qu = tl.load(QU + tile, mask=upd[:, None] & d_ok[None, :], other=0.0).to(sd)
+        qu = tl.load(qu_rows + (s - qu_base)[:, None] * qu_stride_s + offs_d[None, :],
+                     mask=upd[:, None] & d_ok[None, :], other=0.0).to(sd)
         w = sigmoid(tl.sum(qu * ku[None, :], 1) * scale)
         u = tl.load(U + tile, mask=m2, other=0.0)
         u += tl.where(upd, w, 0.0)[:, None] * vu[None, :]
@@ -133,8 +137,9 @@ def choose_splits(programs: int, rows: int, device: torch.device) -> int:
     return max(1, min(2 * sms // programs, rows // MIN_SPLIT_ROWS, MAX_SPLITS))
 
 
-def castle_decode_triton(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, window: int,
-                         scale: float, num_splits: int | None = None) -> torch.Tensor:
+def castle_decode_triton(u, qu_cache, qu_base: int, kc_cache, vc_cache, t0: int, qc, ku, vu,
+                         window: int, scale: float, num_splits: int | None = None
+                         ) -> torch.Tensor:
     """Launches the decoding step on validated arguments (see the module docstring); updates
     ``u`` in place and returns the new token's output ``[B, H, 1, D]`` in qc's dtype.
     ``num_splits``: cache slices (split-KV), default :func:`choose_splits`' choice."""
@@ -144,7 +149,7 @@ def castle_decode_triton(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, w
     if out.numel() == 0:
         return out
     block_d = triton.next_power_of_2(D)
-    block_n = 64 if block_d <= 128 else 32
+    block_n = 64 if block_d <= 64 else 32  # four [block_n, D] tiles live at once
     if num_splits is None:
         num_splits = choose_splits(B * H, t0 + 1, qc.device)
     split = num_splits > 1
@@ -155,14 +160,14 @@ def castle_decode_triton(u, qu_cache, kc_cache, vc_cache, t0: int, qc, ku, vu, w
     else:
         acc, m_part, l_part = out, out, out  # the partial-state pointers go unused
     strides = u.stride()
-    if any(x.stride() != strides for x in (qu_cache, kc_cache, vc_cache)):
-        raise ValueError("the caches U, Q^U, K^C and V^C must share their strides")
+    if any(x.stride() != strides for x in (kc_cache, vc_cache)):
+        raise ValueError("the caches U, K^C and V^C must share their strides")
     with torch.cuda.device(qc.device) if qc.is_cuda else contextlib.nullcontext():
         _castle_decode_kernel[(B * H, num_splits)](
             u, qu_cache, kc_cache, vc_cache, qc, ku, vu, acc, m_part, l_part,
-            B * H, D, t0, window, scale, num_splits,
-            strides[0], strides[1], strides[2], H,
-            BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, num_warps=4,
+            B * H, D, t0, qu_base, window, scale, num_splits,
+            strides[0], strides[1], strides[2], *qu_cache.stride()[:3], H,
+            BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, num_warps=4 if block_d <= 64 else 8,
         )
         if split:
             _merge_kernel[(B * H,)](acc, m_part, l_part, out, B * H, D, num_splits,

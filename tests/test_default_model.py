@@ -65,7 +65,8 @@ def test_greedy_exact_on_default_model(default_model, index):
     want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                           max_new_tokens=NEW_TOKENS)
     for kwargs in (dict(window=7, ngram=5, guesses=7), dict(config="auto", ngram=6, guesses=6),
-                   dict(strategy="trie", decoding_length=16, branch_length=6)):
+                   dict(strategy="trie", decoding_length=16, branch_length=6),
+                   dict(strategy="trie", config="auto")):
         out = fastdecode.generate(model, ids, max_new_tokens=NEW_TOKENS, **kwargs)
         assert torch.equal(out.sequences, want), kwargs
 
@@ -79,7 +80,8 @@ def test_padded_batch_on_default_model(default_model):
                 for t in texts]
     batch = tokenizer(rendered, return_tensors="pt", padding=True)
     want = model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS)
-    for kwargs in (dict(window=5, ngram=5, guesses=5), dict(strategy="trie")):
+    for kwargs in (dict(window=5, ngram=5, guesses=5), dict(strategy="trie"),
+                   dict(strategy="trie", config="auto")):
         out = fastdecode.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
                                   max_new_tokens=NEW_TOKENS, **kwargs)
         assert torch.equal(out.sequences, want), kwargs

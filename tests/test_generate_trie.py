@@ -27,6 +27,46 @@ def test_greedy_matches_transformers(kind, strategy, kwargs):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kwargs", [{}, dict(decoding_length=5, branch_length=3),
+                                    dict(decoding_length=1)])
+def test_auto_greedy_matches_transformers(kind, kwargs):
+    model = tiny(kind)
+    ids, mask = prompts(3, 20, seed=5, pad_rows={1: 6, 2: 11})
+    out = fastdecode.generate(model, ids, attention_mask=mask, strategy="trie", config="auto",
+                              max_new_tokens=40, eos_token_id=[], **kwargs)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40, eos=None))
+    auto = out.stats.drafter["auto"]
+    assert sum(auto["choices"].values()) == out.stats.steps - 1  # the prefill is a step
+    budget = kwargs.get("decoding_length", 64)
+    assert all(1 <= int(c.split("=")[1]) <= budget for c in auto["choices"])
+
+
+def test_auto_drafts_where_it_pays():
+    """With forwards of any size costing the same (as on a memory-bound GPU), a repeated
+    workload's kept trie makes "auto" draft big trees and take few steps."""
+    from fastdecode.decoding import cost
+
+    model = tiny("llama")
+    ids, _ = prompts(1, 20, seed=5)
+    cache = TrieCache(model.config.vocab_size)
+    fastdecode.generate(model, ids, strategy="trie", max_new_tokens=40, eos_token_id=[],
+                        trie_cache=cache)
+    flat = [(t, 1.0) for t in cost.PROBE_TOKENS]
+    saved = dict(cost._COST_CACHE)
+    try:
+        cost._COST_CACHE.clear()
+        cost._COST_CACHE.update({(id(model), "cpu", str(model.dtype), b): flat for b in range(16)})
+        out = fastdecode.generate(model, ids, strategy="trie", config="auto", max_new_tokens=40,
+                                  eos_token_id=[], trie_cache=cache)
+    finally:
+        cost._COST_CACHE.clear()
+        cost._COST_CACHE.update(saved)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, torch.ones_like(ids), 40, eos=None))
+    assert out.stats.steps <= 12
+    assert max(int(c.split("=")[1]) for c in out.stats.drafter["auto"]["choices"]) > 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_eos_inside_an_accepted_branch(kind):
     model = tiny(kind, seed=1)
     ids, mask = prompts(2, 21, seed=9, pad_rows={1: 7})
@@ -57,13 +97,16 @@ def test_kept_cache_warms_up_a_repeated_workload():
     (dict(decoding_length=2.5), TypeError, "decoding_length must be an int"),
     (dict(trie_cache="trie"), TypeError, "cache must be a TrieCache, found str"),
     (dict(trie_cache=TrieCache(7)), ValueError, "cache has vocab_size 7 but the model has 48"),
-    (dict(config="auto"), ValueError, "config='auto' is not available for strategy='trie'"),
+    (dict(config="auto", decoding_length=0), ValueError, "decoding_length must be >= 1"),
+    (dict(strategy="prompt_lookup", config="auto"), ValueError,
+     "config='auto' applies to strategy 'jacobi' or 'trie', found 'prompt_lookup'"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     model = tiny("llama")
+    kwargs = {"strategy": "trie", **kwargs}
     with pytest.raises(exc, match=match):
-        fastdecode.generate(model, torch.full((1, 6), 5, dtype=torch.int64), strategy="trie",
-                            max_new_tokens=5, **kwargs)
+        fastdecode.generate(model, torch.full((1, 6), 5, dtype=torch.int64), max_new_tokens=5,
+                            **kwargs)
 
 
 def test_token_out_of_vocabulary_is_rejected():

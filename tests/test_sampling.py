@@ -121,6 +121,7 @@ def exact_probs(model, cfg: SamplingConfig) -> torch.Tensor:
     ("jacobi", dict(window=2, ngram=3, guesses=4)),
     ("jacobi", dict(window=1, ngram=4, guesses=6)),
     ("trie", dict(decoding_length=12, branch_length=3)),
+    ("trie", dict(decoding_length=12, branch_length=3, config="auto")),
 ])
 def test_sampling_distribution_is_exact(strategy, settings):
     model = small_vocab_model()

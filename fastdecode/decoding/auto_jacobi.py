@@ -17,55 +17,18 @@ expected tokens per second are highest on this device.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from fastdecode.decoding.cost import forward_costs, interpolate
 from fastdecode.decoding.drafter import Draft, History
 from fastdecode.decoding.jacobi import JacobiDrafter, step_layout
 from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import VerifyResult
 
-PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 GUESS_CHOICES = (1, 2, 3, 4, 6, 8)
 WINDOW_FREE = 1.15  # the window runs when it makes a step at most this much dearer
 MARGIN = 1.05  # drafting must promise this much more than plain decoding (the drafter's own
 # host work and the estimates' noise are not in the cost curve)
-_COST_CACHE: dict[tuple, list[tuple[int, float]]] = {}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_costs(runner: TreeRunner, tokens: torch.Tensor) -> list[tuple[int, float]]:
-    """(tokens fed, seconds) of one chain-shaped forward per probe size, at the runner's current
-    context (the single-token cost the faster of two runs). The probe's KV is cropped off."""
-    B, device = tokens.shape[0], tokens.device
-    costs = []
-    for T in PROBE_TOKENS:
-        parents = (torch.arange(T, device=device) - 1).expand(B, T).contiguous()
-        feed = tokens[:, :1].expand(B, T).contiguous()
-        best = float("inf")
-        for _ in range(2 if T == 1 else 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            runner.forward(feed, parents)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-            runner.cache.crop(-T)
-        costs.append((T, best))
-    return costs
-
-
-def interpolate(costs: list[tuple[int, float]], T: int) -> float:
-    """Seconds of a T-token forward, linear between probes and beyond the last two."""
-    for (t0, c0), (t1, c1) in zip(costs, costs[1:]):
-        if T <= t1:
-            return c0 + (c1 - c0) * (T - t0) / (t1 - t0)
-    (t0, c0), (t1, c1) = costs[-2], costs[-1]
-    return c1 + (c1 - c0) * (T - t1) / (t1 - t0)
 
 
 class AutoJacobi(JacobiDrafter):
@@ -84,13 +47,7 @@ class AutoJacobi(JacobiDrafter):
 
     def start(self, history: History) -> None:
         super().start(history)
-        model = self.runner.model
-        bucket = max(1, self.runner.seq_len).bit_length()
-        key = (id(model), str(history.tokens.device), str(model.dtype), bucket)
-        if key not in _COST_CACHE:
-            last = history.tokens.gather(1, (history.end - 1)[:, None])
-            _COST_CACHE[key] = measure_costs(self.runner, last)
-        self.costs = _COST_CACHE[key]
+        self.costs = forward_costs(self.runner, history)
         base = interpolate(self.costs, 1)
         window_tokens = self.W * (self.N - 1) - 1
         self.use_window = interpolate(self.costs, 1 + window_tokens) <= WINDOW_FREE * base

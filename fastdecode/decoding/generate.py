@@ -14,6 +14,8 @@ from fastdecode.hf.model import TreeRunner
 STRATEGIES = ("greedy", "sample", "jacobi", "trie", "prompt_lookup")
 FIXED_DEFAULTS = (7, 5, 7)  # (W, N, G): the brief's balanced setting
 AUTO_BOUNDS = (7, 10, 8)  # long candidates pay off where the output copies the prompt
+TRIE_DEFAULTS = (16, 8)  # (decoding_length, branch_length)
+TRIE_AUTO_BOUNDS = (64, 12)
 
 
 @dataclass
@@ -74,7 +76,8 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
              window: int | None = None, ngram: int | None = None, guesses: int | None = None,
-             pool_from_prompt: bool = True, decoding_length: int = 16, branch_length: int = 8,
+             pool_from_prompt: bool = True, decoding_length: int | None = None,
+             branch_length: int | None = None,
              trie_cache=None, config: str | None = None, streamer=None) -> GenerateOutput:
     """Generates with ``model`` (a transformers causal LM), exactly.
 
@@ -99,13 +102,17 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             ``config="auto"`` they are bounds, default 7, 10, 8).
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
         decoding_length, branch_length: trie drafts' nodes (root included, >= 1) and depth
-            (>= 0); "prompt_lookup" drafts one chain of ``branch_length`` tokens.
+            (>= 0), default 16 and 8 (with ``config="auto"`` the node count is chosen each
+            step up to ``decoding_length``, default 64 and 12); "prompt_lookup" drafts one
+            chain of ``branch_length`` tokens.
         trie_cache: a :class:`fastdecode.decoding.TrieCache` to draft from and keep (it
             persists across calls, so repeated workloads warm up); default: a fresh one.
-        config: None for the given settings, or "auto": then ``ngram`` and ``guesses`` bound
-            what is verified each step, chosen from this device's measured forward costs and
-            the call's running acceptance estimate; the window (``window`` columns) runs only
-            where extra tokens are nearly free. The output is the same either way.
+        config: None for the given settings, or "auto" (jacobi and trie): what is verified
+            each step is chosen from this device's measured forward costs and the call's
+            running acceptance estimate, within the bounds above: jacobi's candidates
+            (``ngram``, ``guesses``; the window, ``window`` columns, runs only where extra
+            tokens are nearly free) or the trie's node count. The output is the same either
+            way.
         streamer: an object with transformers' streamer interface (``put``/``end``); it
             receives the prompts, then one token per row at a time (``[B]``, pad for rows
             that are done).
@@ -118,10 +125,13 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     _int("max_new_tokens", max_new_tokens, 0)
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
-    if config == "auto" and strategy in ("trie", "prompt_lookup"):
-        raise ValueError(f"config='auto' is not available for strategy={strategy!r} yet")
-    _int("decoding_length", decoding_length, 1)
-    _int("branch_length", branch_length, 0)
+    if config == "auto" and strategy not in ("jacobi", "trie"):
+        raise ValueError(f"config='auto' applies to strategy 'jacobi' or 'trie', found {strategy!r}")
+    trie_defaults = TRIE_AUTO_BOUNDS if config == "auto" else TRIE_DEFAULTS
+    decoding_length, branch_length = (
+        _int(name, default if value is None else value, low) for name, value, default, low
+        in zip(("decoding_length", "branch_length"), (decoding_length, branch_length),
+               trie_defaults, (1, 0)))
     defaults = AUTO_BOUNDS if config == "auto" else FIXED_DEFAULTS
     W, N, G = (_int(name, default if value is None else value, low) for name, value, default, low
                in zip(("window", "ngram", "guesses"), (window, ngram, guesses), defaults, (1, 2, 0)))
@@ -145,7 +155,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
 
     drafter: Drafter
     if strategy == "jacobi" and config == "auto":
-        from fastdecode.decoding.auto import AutoJacobi
+        from fastdecode.decoding.auto_jacobi import AutoJacobi
 
         drafter = AutoJacobi(runner, model.config.vocab_size, W, N, G,
                              pool_from_prompt=pool_from_prompt, generator=generator)
@@ -154,12 +164,16 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
 
         drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
                                 generator=generator)
+    elif strategy == "trie" and config == "auto":
+        from fastdecode.decoding.auto_trie import AutoTrie
+
+        drafter = AutoTrie(runner, model.config.vocab_size, decoding_length, branch_length,
+                           cache=trie_cache)
     elif strategy in ("trie", "prompt_lookup"):
         from fastdecode.decoding.trie_drafter import TrieDrafter
 
         drafter = TrieDrafter(model.config.vocab_size, decoding_length, branch_length,
-                              cache=trie_cache, single_branch=strategy == "prompt_lookup",
-                              eos_ids=eos_ids)
+                              cache=trie_cache, single_branch=strategy == "prompt_lookup")
     else:
         drafter = NoDraft()
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,

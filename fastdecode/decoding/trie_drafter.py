@@ -28,19 +28,20 @@ class TrieDrafter:
         cache: a TrieCache to use and keep (its output counts then persist across calls); by
             default a fresh one per call.
         single_branch: draft one chain (prompt lookup) instead of a tree.
-        eos_ids: insertions stop at these tokens (fresh caches only).
+
+    The fresh trie cuts no insertion at end-of-sequence tokens: chat prompts use them between
+    turns, and the text after them is what answers copy.
     """
 
     def __init__(self, vocab_size: int, decoding_length: int, branch_length: int, *,
-                 cache: TrieCache | None = None, single_branch: bool = False,
-                 eos_ids: list[int] | None = None) -> None:
+                 cache: TrieCache | None = None, single_branch: bool = False) -> None:
         if cache is not None and not isinstance(cache, TrieCache):
             raise TypeError(f"cache must be a TrieCache, found {type(cache).__name__}")
         if cache is not None and cache.vocab_size != vocab_size:
             raise ValueError(f"cache has vocab_size {cache.vocab_size} but the model has {vocab_size}")
         self.trie = cache if cache is not None else TrieCache(
             vocab_size, decoding_length=max(decoding_length, 1),
-            branch_length=max(branch_length, 1), eos_token_ids=eos_ids or [])
+            branch_length=max(branch_length, 1))
         self.nodes = branch_length + 1 if single_branch else decoding_length
         self.depth = branch_length
         self.mode = "parallel" if single_branch else "hier"

@@ -1,0 +1,162 @@
+"""``config="auto"`` for trie lookahead: choose, step by step, how many nodes the draft tree gets
+so that the expected tokens per second are highest on this device.
+
+* Cost: the forward's seconds against the tokens fed (:mod:`fastdecode.decoding.cost`).
+* Acceptance: every step the trie is asked for a tree at each node budget (retrieval takes
+  microseconds, a forward milliseconds). Once the real continuation is known, each budget's
+  tree is scored by how many of its drafts would have been accepted, and a decayed running
+  mean of that (and of the tree's size) is kept per budget. This needs no extra forward, so
+  the tuner also learns while it decodes plainly; the decay lets it follow the text from
+  passages that copy the prompt to passages that do not.
+* Choice: the budget with the best estimated (tokens per step) / (seconds per step); plain
+  decoding (one token for one single-token forward) is always a candidate and must be beaten
+  by a margin, so "auto" drafts only where the estimate says it pays.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdecode.decoding.cost import forward_costs, interpolate
+from fastdecode.decoding.drafter import Draft, History
+from fastdecode.decoding.trie_cache import TrieCache
+from fastdecode.decoding.trie_drafter import TrieDrafter
+from fastdecode.hf.model import TreeRunner
+from fastdecode.ops import VerifyResult
+
+NODE_CHOICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+DECAY = 0.8  # weight of the running means' past per scored lookup
+MARGIN = 1.05  # drafting must promise this much more than plain decoding
+
+
+class Lookup:
+    """One step's retrieval at every node budget, scored as the real tokens come out: per
+    budget, the tree's node reached along the real tokens, how many drafts matched, and whether
+    that is final (a real token left the tree, or the tree's depth is used up)."""
+
+    def __init__(self, row: int, root_at: int, trees: dict[int, tuple[list[int], list[int]]],
+                 depth: int, run: int) -> None:
+        self.row, self.next_at, self.depth, self.run = row, root_at + 1, depth, run
+        self.size = {n: len(tokens) for n, (tokens, _) in trees.items()}
+        # per budget: {(node, token): child}
+        self.edges = {n: {(p, t): j for j, (t, p) in enumerate(zip(tokens, parents)) if j}
+                      for n, (tokens, parents) in trees.items()}
+        self.walk = {n: (0, 0, False) for n in trees}  # (node, matched, final)
+        self.seen = 0  # real tokens scored so far
+
+    def advance(self, row: list[int]) -> bool:
+        """Scores the real tokens that came out since the last call; True once final."""
+        real = row[self.next_at + self.seen:self.next_at + self.depth]
+        self.seen += len(real)
+        final = True
+        for n, (node, m, done) in self.walk.items():
+            edges = self.edges[n]
+            for t in real:
+                if done:
+                    break
+                child = edges.get((node, t))
+                if child is None:
+                    done = True
+                else:
+                    node, m = child, m + 1
+            done = done or self.seen >= self.depth or not any(p == node for p, _ in edges)
+            self.walk[n] = (node, m, done)
+            final = final and done
+        return final
+
+    def on_tree(self) -> bool:
+        """Whether every real token out so far (at least one) followed the largest tree."""
+        m = self.walk[max(self.walk)][1]
+        return 0 < self.seen == m
+
+
+class AutoTrie(TrieDrafter):
+    """A :class:`TrieDrafter` in hierarchical mode that picks its tree's node budget every step
+    (see the module docstring). ``decoding_length`` bounds the budget; ``branch_length`` is
+    the depth of every tree."""
+
+    def __init__(self, runner: TreeRunner, vocab_size: int, decoding_length: int,
+                 branch_length: int, *, cache: TrieCache | None = None) -> None:
+        super().__init__(vocab_size, decoding_length, branch_length, cache=cache)
+        self.runner = runner
+        self.budgets = sorted({n for n in NODE_CHOICES if n < decoding_length} | {decoding_length}
+                              - {1})
+        # Per run state (0: the last lookup missed; 1: the text is following the trie), decayed
+        # sums over scored lookups of the accepted drafts and tree sizes per budget, and of 1.
+        self.gain = [{n: 0.0 for n in self.budgets} for _ in range(2)]
+        self.size = [{n: 0.0 for n in self.budgets} for _ in range(2)]
+        self.weight = [0.0, 0.0]
+        self.run = 0
+        self.pending: list[Lookup] = []  # lookups awaiting their outcome
+        self.choices: dict[int, int] = {}
+
+    def start(self, history: History) -> None:
+        super().start(history)
+        self.costs = forward_costs(self.runner, history)
+
+    def _choose(self) -> int:
+        """The node budget with the best expected tokens per second (1: plain decoding), from
+        the lookups made in the current run state (all lookups while that state has none).
+        The lookups still pending count with what they matched so far (a lower bound), so
+        that a run of matches drafts at once instead of after ``branch_length`` tokens."""
+        states = [self.run] if self.weight[self.run] else [0, 1]
+        weight = sum(self.weight[r] for r in states)
+        gain = {n: sum(self.gain[r][n] for r in states) for n in self.budgets}
+        size = {n: sum(self.size[r][n] for r in states) for n in self.budgets}
+        for look in self.pending:
+            if look.seen and look.run in states:
+                weight = DECAY * weight + 1
+                for n, (_, m, _) in look.walk.items():
+                    gain[n] = DECAY * gain[n] + m
+                    size[n] = DECAY * size[n] + look.size[n]
+        best, choice = MARGIN / interpolate(self.costs, 1), 1
+        if weight:
+            for n in self.budgets:
+                rate = (1 + gain[n] / weight) / interpolate(self.costs, max(1.0, size[n] / weight))
+                if rate > best:
+                    best, choice = rate, n
+        self.choices[choice] = self.choices.get(choice, 0) + 1
+        return choice
+
+    def propose(self, last: torch.Tensor) -> Draft:
+        waiting = {(look.row, look.next_at) for look in self.pending}
+        for b, (row, rid) in enumerate(zip(self.rows, self.rids)):
+            if not self.budgets or (b, len(row)) in waiting:  # (a finished row's is pending)
+                continue
+            ctx, trees = row[-self.trie.match_len:], {}
+            for n in self.budgets:
+                t, p = self.trie.retrieve(ctx, max_nodes=n, max_depth=self.depth, mode="hier",
+                                          request_id=rid)
+                trees[n] = (t.tolist(), p.tolist())
+            self.pending.append(Lookup(b, len(row) - 1, trees, self.depth, self.run))
+        self.nodes = self._choose()
+        return super().propose(last)
+
+    def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
+                history: History) -> None:
+        super().observe(draft, logits, result, history)
+        self._score()
+
+    def _score(self) -> None:
+        """Advances every pending lookup over the new tokens, adds those whose outcome is now
+        known to their run state's sums, and sets the run state from each row's newest
+        lookup (the majority of rows)."""
+        keep, newest = [], {}
+        for look in self.pending:
+            newest[look.row] = look
+            if not look.advance(self.rows[look.row]):
+                keep.append(look)
+                continue
+            r = look.run
+            self.weight[r] = DECAY * self.weight[r] + 1
+            for n, (_, m, _) in look.walk.items():
+                self.gain[r][n] = DECAY * self.gain[r][n] + m
+                self.size[r][n] = DECAY * self.size[r][n] + look.size[n]
+        self.pending = keep
+        self.run = int(2 * sum(look.on_tree() for look in newest.values()) >= max(1, len(newest)))
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["auto"] = {"choices": {f"nodes={n}": c for n, c in sorted(self.choices.items())},
+                       "cost_s": {t: round(c, 6) for t, c in self.costs}}
+        return out

@@ -1,0 +1,60 @@
+"""Trie ``config="auto"``'s bookkeeping: scoring a lookup's trees as the real tokens come out,
+and end-of-sequence tokens inside prompts (chat turn separators) not cutting what is drafted."""
+
+from __future__ import annotations
+
+import torch
+from test_generate import hf_greedy, prompts, tiny
+
+import fastdecode
+from fastdecode.decoding.auto_trie import Lookup
+
+# Root 5 with two branches: 1 -> 2 -> 6 and 3 -> 4; as the smaller budget, the first branch only.
+TREES = {6: ([5, 1, 2, 6, 3, 4], [-1, 0, 1, 2, 0, 4]), 4: ([5, 1, 2, 6], [-1, 0, 1, 2])}
+
+
+def walk(real: list[int], depth: int = 3, feed: int | None = None) -> Lookup:
+    """A lookup made at the root (row index 0), advanced over ``real`` in pieces of ``feed``."""
+    look = Lookup(0, 0, TREES, depth, run=0)
+    row = [5]
+    for i in range(0, len(real), feed or max(1, len(real))):
+        row += real[i:i + (feed or len(real))]
+        look.advance(row)
+    return look
+
+
+def test_lookup_scores_each_budget():
+    look = walk([3, 4, 9])
+    assert look.walk[6][1:] == (2, True) and look.walk[4][1:] == (0, True)
+    look = walk([1, 2, 7])
+    assert look.walk[6][1:] == (2, True) and look.walk[4][1:] == (2, True)
+
+
+def test_lookup_waits_while_the_text_follows_the_tree():
+    look = Lookup(0, 0, TREES, 3, run=1)
+    assert not look.advance([5, 1])  # on the tree, depth left
+    assert look.on_tree() and look.seen == 1
+    assert not look.advance([5, 1, 2])
+    assert look.advance([5, 1, 2, 6])  # the depth is used up
+    assert look.walk[6][1] == 3 and look.walk[4][1] == 3
+
+
+def test_lookup_ends_at_a_leaf_and_in_pieces():
+    look = walk([3, 4], depth=5)
+    assert look.walk[6] == (5, 2, True)  # node 5 (token 4) has no children
+    assert walk([1, 2, 6, 8], feed=1).walk[6] == (3, 3, True)
+
+
+def test_eos_inside_the_prompt_does_not_cut_the_trie():
+    """The prompt holds the EOS token (as chat templates put one between turns) near its start,
+    and the text the model goes on to write after it: drafting from that text must work the
+    same as with no EOS at all (a trie that cut insertions at EOS takes 13 steps here, not 8)."""
+    model = tiny("llama")
+    ids, _ = prompts(1, 24, seed=2)
+    prompt = hf_greedy(model, ids, torch.ones_like(ids), 40, eos=None)  # holds what follows
+    plain = hf_greedy(model, prompt, torch.ones_like(prompt), 30, eos=None)
+    eos = next(t for t in ids[0, :4].tolist() if t not in plain[0, prompt.shape[1]:].tolist())
+    runs = [fastdecode.generate(model, prompt, strategy="prompt_lookup", max_new_tokens=30,
+                                eos_token_id=e) for e in ([], eos)]
+    assert torch.equal(runs[0].sequences, plain) and torch.equal(runs[1].sequences, plain)
+    assert runs[1].stats.steps == runs[0].stats.steps == 8

@@ -24,6 +24,11 @@ gradients of block j's own inputs (K^C, V^C, Q^U) and ``dD``, the gradient flowi
 the rows below, in registers; the gradients of the row block's inputs (Q^C, V^U, K^U) go out
 with fp32 atomics (so the result is not bitwise deterministic).
 
+Sliding-window lookahead (window W): a pair whose row block starts more than W rows past key
+block j's last row has ``G_ji = 0``, so D_j is final there; both kernels then skip the
+lookahead work (the G and A blocks, the D update and their gradients) and such a block costs
+about what two-key attention does (``c Q^C_i K^C_j^T`` and ``c Q^C_i D_j^T``).
+
 All state and accumulation is fp32 (fp64 for fp64 inputs). On a GPU the dot operands are the
 inputs' dtype (fp32 inputs: tf32x3); under the interpreter they are the state dtype.
 """
@@ -63,6 +68,13 @@ def _block_masks(rows_t, rows_s, rows_r, L, window):
 
 
 @triton.jit
+def _in_band(i, j, BLOCK: tl.constexpr, window):
+    """Whether some token of row block i writes into a lookahead key of block j (always with
+    full lookahead; with a window W, when block i starts within W of block j's last row)."""
+    return (window < 0) | (i * BLOCK <= j * BLOCK + BLOCK - 1 + window)
+
+
+@triton.jit
 def _castle_forward_kernel(
     QC, KC, VC, QU, KU, VU, OUT, LSE, DST, ACC, MST, LST,
     L, D, k, window, scale,
@@ -93,9 +105,6 @@ def _castle_forward_kernel(
     m_j2 = ok_j[:, None] & d_ok[None, :]
 
     qc = tl.load(QC + tile_i, mask=m_i2, other=0.0).to(dt)
-    ku = tl.load(KU + tile_i, mask=m_i2, other=0.0).to(dt)
-    vu = tl.load(VU + tile_i, mask=m_i2, other=0.0).to(dt)
-    qu = tl.load(QU + tile_j, mask=m_j2, other=0.0).to(dt)
     kc = tl.load(KC + tile_j, mask=m_j2, other=0.0).to(dt)
     vc = tl.load(VC + tile_j, mask=m_j2, other=0.0).to(dt)
     if k > 0:
@@ -104,12 +113,18 @@ def _castle_forward_kernel(
         dj = tl.zeros([BLOCK, BLOCK_D], dtype=sd)
 
     allowed, causal, tril = _block_masks(rows_i, rows_j, rows_i, L, window)
-    g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
-    g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
-    a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
-    a = tl.where(tril, a.to(sd), 0.0)  # A[t in i, r in i]
     su = tl.dot(qc, tl.trans(dj.to(dt)), input_precision=PREC).to(sd) * scale
-    su += tl.dot(a.to(dt), tl.trans(g.to(dt)), input_precision=PREC).to(sd)
+    if _in_band(i, j, BLOCK, window):  # else G_ji = 0: D_j is final, no in-block term
+        ku = tl.load(KU + tile_i, mask=m_i2, other=0.0).to(dt)
+        vu = tl.load(VU + tile_i, mask=m_i2, other=0.0).to(dt)
+        qu = tl.load(QU + tile_j, mask=m_j2, other=0.0).to(dt)
+        g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
+        g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
+        a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
+        a = tl.where(tril, a.to(sd), 0.0)  # A[t in i, r in i]
+        su += tl.dot(a.to(dt), tl.trans(g.to(dt)), input_precision=PREC).to(sd)
+        dj += tl.dot(g.to(dt), vu, input_precision=PREC).to(sd)
+        tl.store(DST + tile_j, dj, mask=m_j2)
     z = tl.dot(qc, tl.trans(kc), input_precision=PREC).to(sd) * scale - _silu(su)
     z = tl.where(causal, z * LOG2E, float("-inf"))
 
@@ -128,9 +143,6 @@ def _castle_forward_kernel(
     p = tl.exp2(z - m_ref[:, None])
     l_new = l_old * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(dt), vc, input_precision=PREC).to(sd)
-
-    dj += tl.dot(g.to(dt), vu, input_precision=PREC).to(sd)
-    tl.store(DST + tile_j, dj, mask=m_j2)
     if j == 0:  # row block i has met every key block: finish it
         l_safe = tl.where(l_new == 0.0, 1.0, l_new)
         tl.store(OUT + tile_i, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=m_i2)
@@ -190,13 +202,18 @@ def _castle_backward_kernel(
         delta = tl.load(DELTA + bh * L + rows_i, mask=ok_i, other=0.0)
 
         allowed, causal, tril = _block_masks(rows_i, rows_j, rows_i, L, window)
-        g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
-        g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
-        dj -= tl.dot(g.to(dt), vu, input_precision=PREC).to(sd)  # now: r before block i
-        a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
-        a = tl.where(tril, a.to(sd), 0.0)
+        near = _in_band(i, j, BLOCK, window)
+        g = tl.zeros([BLOCK, BLOCK], dtype=sd)
+        a = tl.zeros([BLOCK, BLOCK], dtype=sd)
+        if near:
+            g = tl.dot(qu, tl.trans(ku), input_precision=PREC) * scale
+            g = tl.where(allowed, sigmoid(g.to(sd)), 0.0)  # G[s in j, r in i]
+            dj -= tl.dot(g.to(dt), vu, input_precision=PREC).to(sd)  # now: r before block i
+            a = tl.dot(qc, tl.trans(vu), input_precision=PREC) * scale
+            a = tl.where(tril, a.to(sd), 0.0)
         su = tl.dot(qc, tl.trans(dj.to(dt)), input_precision=PREC).to(sd) * scale
-        su += tl.dot(a.to(dt), tl.trans(g.to(dt)), input_precision=PREC).to(sd)
+        if near:
+            su += tl.dot(a.to(dt), tl.trans(g.to(dt)), input_precision=PREC).to(sd)
         z = tl.dot(qc, tl.trans(kc), input_precision=PREC).to(sd) * scale - _silu(su)
         p = tl.where(causal, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(vc), input_precision=PREC).to(sd)
@@ -207,19 +224,20 @@ def _castle_backward_kernel(
         dsu = tl.where(causal, -dz * sg * (1.0 + su * (1.0 - sg)), 0.0)
         d_qc = tl.dot(dz.to(dt), kc, input_precision=PREC).to(sd)
         d_qc += tl.dot(dsu.to(dt), dj.to(dt), input_precision=PREC).to(sd)
-        da = tl.where(tril, tl.dot(dsu.to(dt), g.to(dt), input_precision=PREC).to(sd), 0.0)
-        d_qc += tl.dot(da.to(dt), vu, input_precision=PREC).to(sd)
-        d_vu = tl.dot(tl.trans(da.to(dt)), qc, input_precision=PREC).to(sd) * scale
-        d_vu += tl.dot(tl.trans(g.to(dt)), d_dj.to(dt), input_precision=PREC).to(sd)
-        dg = tl.dot(tl.trans(dsu.to(dt)), a.to(dt), input_precision=PREC).to(sd)
-        dg += tl.dot(d_dj.to(dt), tl.trans(vu), input_precision=PREC).to(sd)
+        if near:  # the terms through G_ji and A_ii (zero outside the band)
+            da = tl.where(tril, tl.dot(dsu.to(dt), g.to(dt), input_precision=PREC).to(sd), 0.0)
+            d_qc += tl.dot(da.to(dt), vu, input_precision=PREC).to(sd)
+            d_vu = tl.dot(tl.trans(da.to(dt)), qc, input_precision=PREC).to(sd) * scale
+            d_vu += tl.dot(tl.trans(g.to(dt)), d_dj.to(dt), input_precision=PREC).to(sd)
+            dg = tl.dot(tl.trans(dsu.to(dt)), a.to(dt), input_precision=PREC).to(sd)
+            dg += tl.dot(d_dj.to(dt), tl.trans(vu), input_precision=PREC).to(sd)
+            dlog = tl.where(allowed, dg * g * (1.0 - g), 0.0)
+            d_qu += tl.dot(dlog.to(dt), ku, input_precision=PREC).to(sd) * scale
+            d_ku = tl.dot(tl.trans(dlog.to(dt)), qu, input_precision=PREC).to(sd) * scale
+            tl.atomic_add(DVU + tile_i, d_vu, mask=m_i2)
+            tl.atomic_add(DKU + tile_i, d_ku, mask=m_i2)
         d_dj += tl.dot(tl.trans(dsu.to(dt)), qc, input_precision=PREC).to(sd) * scale
-        dlog = tl.where(allowed, dg * g * (1.0 - g), 0.0)
-        d_qu += tl.dot(dlog.to(dt), ku, input_precision=PREC).to(sd) * scale
-        d_ku = tl.dot(tl.trans(dlog.to(dt)), qu, input_precision=PREC).to(sd) * scale
         tl.atomic_add(DQC + tile_i, d_qc * scale, mask=m_i2)
-        tl.atomic_add(DVU + tile_i, d_vu, mask=m_i2)
-        tl.atomic_add(DKU + tile_i, d_ku, mask=m_i2)
 
     tl.store(DKC + tile_j, d_kc, mask=m_j2)
     tl.store(DVC + tile_j, d_vc, mask=m_j2)

@@ -235,3 +235,42 @@ def test_bad_arguments(call, error, match) -> None:
 def test_mixed_devices() -> None:
     with pytest.raises(ValueError, match="one device"):
         block_shuffle(torch.randn(3, 12), torch.randn(2, 4, 6).cuda(), torch.randn(2, 4, 4).cuda())
+
+
+def test_every_autotune_config() -> None:
+    """Each config the GPU autotuner may pick, launched directly (the interpreter cannot
+    autotune): the same results as the reference."""
+    if _backend._why_not("triton", "cpu") is not None:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import triton
+
+    from fastdecode.triton_kernels.structured import block_shuffle as bs
+    from fastdecode.triton_kernels.structured import swiglu_up as su
+
+    T, b, p, s = 70, 2, 40, 24
+    m = min(p, s)
+    x, w1, w2 = torch.randn(T, b * p), torch.randn(b, m, p), torch.randn(b, s, m)
+    y_ref, z_ref = block_shuffle_reference(x, w1, w2)
+    flags = bs._dot_flags(x)
+    for config in bs._block_shuffle_fwd_tuned.configs:
+        y, z = torch.empty_like(y_ref), torch.empty_like(z_ref)
+        grid = (triton.cdiv(T, config.kwargs["BLOCK_T"]), b)
+        bs._block_shuffle_fwd_kernel[grid](x, w1, w2, z, y, T, b, p, m, s, 128,
+                                           **config.kwargs, **flags)
+        assert rel(y, y_ref) < 1e-5 and rel(z, z_ref) < 1e-5, config
+    c_ref = x[:, :p] @ w1[0].T  # block 0 of stage 1: [T, m]
+    for config in bs._block_mm_tuned.configs:
+        c = torch.empty(T, m)
+        grid = (triton.cdiv(T, config.kwargs["BLOCK_M"]),
+                triton.cdiv(m, config.kwargs["BLOCK_N"]), 1)
+        bs._block_mm_kernel[grid](x, w1, c, T, m, p, 128, 64, b * p, 0, 1, 0, 1, p, m, 0, 1,
+                                  **config.kwargs, **flags)
+        assert rel(c, c_ref) < 1e-5, config
+    v, u = torch.randn(1, 16, b * p), torch.randn(2 * 30, 16)
+    out_ref, t = swiglu_up_reference(x, v, u)
+    for config in su._swiglu_up_tuned.configs:
+        out = torch.empty_like(out_ref)
+        grid = (triton.cdiv(T, config.kwargs["BLOCK_T"]),
+                triton.cdiv(30, config.kwargs["BLOCK_N"]))
+        su._swiglu_up_kernel[grid](t, u, out, T, 30, 16, 128, **config.kwargs, **flags)
+        assert rel(out, out_ref) < 1e-5, config

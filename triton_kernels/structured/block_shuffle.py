@@ -20,6 +20,7 @@ z (scattered straight into the h layout), of x, of w2 and of w1.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -35,14 +36,31 @@ def _operand(x, DOT_FP32: tl.constexpr):
     return x
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tuned(kernel, configs: list[triton.Config], key: list[str]):
+    """``kernel`` autotuned over a few ``configs`` (GPU launches); keyed on ``key``, which
+    names size arguments and power-of-two buckets of the token count, so that a new T in the
+    same bucket reuses the tuned config."""
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def bucket(n: int) -> int:
+    """The power-of-two bucket of ``n`` (an autotuning key)."""
+    return triton.next_power_of_2(max(n, 1))
+
+
 @triton.jit
-def _block_mm_kernel(A, W, C, M, N, K,
+def _block_mm_kernel(A, W, C, M, N, K, M_BUCKET, K_BUCKET,
                      sam, sag, sak, swg, swk, swn, scm, scg, scn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), G)``:
     ``C[m*scm + g*scg + n*scn] = sum_k A[m*sam + g*sag + k*sak] * W[g*swg + k*swk + n*swn]``,
-    fp32 accumulation, stored in C's dtype."""
+    fp32 accumulation, stored in C's dtype. ``M_BUCKET`` and ``K_BUCKET`` only key the
+    autotuning."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -68,13 +86,22 @@ def _block_mm_kernel(A, W, C, M, N, K,
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+_block_mm_tuned = tuned(_block_mm_kernel, [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=3),
+], key=["N", "M_BUCKET", "K_BUCKET"])
+
+
 @triton.jit
-def _block_shuffle_fwd_kernel(X, W1, W2, Z, Y, T, NB, P, M, S,
+def _block_shuffle_fwd_kernel(X, W1, W2, Z, Y, T, NB, P, M, S, T_BUCKET,
                               BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """Grid ``(cdiv(T, BLOCK_T), b)``: both stages for BLOCK_T tokens and stage-2 block j.
-    Writes ``Z[t, j, :]`` (x's dtype) and ``Y[t, o*b + j]`` for every o."""
+    Writes ``Z[t, j, :]`` (x's dtype) and ``Y[t, o*b + j]`` for every o. ``T_BUCKET`` only
+    keys the autotuning."""
     pid_t = tl.program_id(0)
     j = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -128,6 +155,18 @@ def _block_shuffle_fwd_kernel(X, W1, W2, Z, Y, T, NB, P, M, S,
                  mask=row_ok[:, None] & o_ok[None, :])
 
 
+_block_shuffle_fwd_tuned = tuned(_block_shuffle_fwd_kernel, [
+    triton.Config(dict(BLOCK_T=64, BLOCK_I=64, BLOCK_C=32, BLOCK_O=64), num_warps=4,
+                  num_stages=2),
+    triton.Config(dict(BLOCK_T=128, BLOCK_I=64, BLOCK_C=64, BLOCK_O=128), num_warps=8,
+                  num_stages=3),
+    triton.Config(dict(BLOCK_T=64, BLOCK_I=64, BLOCK_C=64, BLOCK_O=128), num_warps=4,
+                  num_stages=3),
+    triton.Config(dict(BLOCK_T=128, BLOCK_I=64, BLOCK_C=32, BLOCK_O=64), num_warps=4,
+                  num_stages=3),
+], key=["NB", "P", "M", "S", "T_BUCKET"])
+
+
 def _tiles(n: int, low: int = 16, high: int = 64) -> int:
     return min(high, max(low, triton.next_power_of_2(n)))
 
@@ -153,12 +192,16 @@ def block_matmul(a: torch.Tensor, a_strides: tuple[int, int, int], w: torch.Tens
     and ``(scm, scg, scn)``, in elements). Writes into ``c``; fp32 accumulation."""
     if M == 0 or N == 0 or G == 0:
         return
-    block_m, block_n, block_k = _tiles(M, high=64), _tiles(N, high=64), _tiles(K, high=32)
-    with _on(a.device):
+    args = (a, w, c, M, N, K, bucket(M), bucket(K), *a_strides, *w_strides, *c_strides)
+    if interpreting():  # tiles fitted to the (small) sizes: the interpreter's cost is per element
+        block_m, block_n, block_k = _tiles(M, high=64), _tiles(N, high=64), _tiles(K, high=32)
         _block_mm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)](
-            a, w, c, M, N, K, *a_strides, *w_strides, *c_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_flags(a, w),
-            num_warps=4, num_stages=3)
+            *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_flags(a, w))
+        return
+    with _on(a.device):
+        _block_mm_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),
+                                      triton.cdiv(N, meta["BLOCK_N"]), G)](
+            *args, **_dot_flags(a, w))
 
 
 def block_shuffle_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
@@ -171,12 +214,16 @@ def block_shuffle_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
     z = torch.empty(T, b, m, dtype=x.dtype, device=x.device)
     if T == 0:
         return y, z
-    block_t = _tiles(T, high=64)
-    with _on(x.device):
+    args = (x, w1, w2, z, y, T, b, p, m, s, bucket(T))
+    if interpreting():
+        block_t = _tiles(T, high=64)
         _block_shuffle_fwd_kernel[(triton.cdiv(T, block_t), b)](
-            x, w1, w2, z, y, T, b, p, m, s,
-            BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=32),
-            BLOCK_O=_tiles(s, high=64), **_dot_flags(x), num_warps=4, num_stages=2)
+            *args, BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=32),
+            BLOCK_O=_tiles(s, high=64), **_dot_flags(x))
+        return y, z
+    with _on(x.device):
+        _block_shuffle_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), b)](
+            *args, **_dot_flags(x))
     return y, z
 
 

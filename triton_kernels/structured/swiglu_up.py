@@ -13,15 +13,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_shuffle import _dot_flags, _on, _operand, _tiles, block_matmul
+from .block_shuffle import (
+    _dot_flags,
+    _on,
+    _operand,
+    _tiles,
+    block_matmul,
+    bucket,
+    interpreting,
+    tuned,
+)
 
 
 @triton.jit
-def _swiglu_up_kernel(Tm, U, OUT, T, F, R,
+def _swiglu_up_kernel(Tm, U, OUT, T, F, R, T_BUCKET,
                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """Grid ``(cdiv(T, BLOCK_T), cdiv(F, BLOCK_N))``: ``OUT[t, n] = silu(g) * up`` with
-    ``g = sum_k Tm[t, k] U[n, k]`` and ``up = sum_k Tm[t, k] U[F + n, k]``."""
+    ``g = sum_k Tm[t, k] U[n, k]`` and ``up = sum_k Tm[t, k] U[F + n, k]``. ``T_BUCKET``
+    only keys the autotuning."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -44,6 +54,14 @@ def _swiglu_up_kernel(Tm, U, OUT, T, F, R,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+_swiglu_up_tuned = tuned(_swiglu_up_kernel, [
+    triton.Config(dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_T=128, BLOCK_N=64, BLOCK_K=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_T=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=32), num_warps=8, num_stages=3),
+], key=["F", "R", "T_BUCKET"])
+
+
 def swiglu_up_triton(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [T, f], t [T, r])`` for validated, contiguous ``x [T, d]``, ``v [b, r/b, d/b]``
@@ -57,9 +75,14 @@ def swiglu_up_triton(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor
     if T == 0:
         return out, t
     block_matmul(x, (b * p, p, 1), v, (rb * p, 1, p), t, (r, rb, 1), T, rb, p, b)
-    block_t, block_n = _tiles(T, high=64), _tiles(f, high=64)
-    with _on(x.device):
+    args = (t, u, out, T, f, r, bucket(T))
+    if interpreting():
+        block_t, block_n = _tiles(T, high=64), _tiles(f, high=64)
         _swiglu_up_kernel[(triton.cdiv(T, block_t), triton.cdiv(f, block_n))](
-            t, u, out, T, f, r, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=_tiles(r, high=32),
-            **_dot_flags(x), num_warps=4, num_stages=3)
+            *args, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=_tiles(r, high=32),
+            **_dot_flags(x))
+        return out, t
+    with _on(x.device):
+        _swiglu_up_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),
+                                       triton.cdiv(f, meta["BLOCK_N"]))](*args, **_dot_flags(x))
     return out, t

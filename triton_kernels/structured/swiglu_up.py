@@ -49,7 +49,8 @@ def _swiglu_up_kernel(Tm, U, OUT, T, F, R, T_BUCKET,
         wu = tl.load(U + (cols[None, :] + F) * R + k[:, None], mask=w_mask, other=0.0)
         acc_g = tl.dot(a, _operand(wg, DOT_FP32), acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, _operand(wu, DOT_FP32), acc_u, input_precision=DOT_PRECISION)
-    out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    e = tl.exp(-tl.abs(acc_g))  # sigmoid without overflow: exp of a non-positive number
+    out = acc_g * tl.where(acc_g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * acc_u
     tl.store(OUT + rows[:, None] * F + cols[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 

@@ -27,7 +27,7 @@ batched GEMMs and permutation copies) beside the default fused Triton kernel.
 On CUDA (bf16), most important first: decode at widths 5120 and 2048, the forward at width
 5120 with T in {1, 16, 256, 2048, 30720}, training at T = 8192, the SwiGLU section, the one
 projection, then the forward at width 2048 (same T) and at widths 4096 and 6144 (T = 30720);
-the run stops adding sections past a ~80 s budget (``make gpu-check`` runs every benchmark in
+the run stops adding sections past a 60 s budget (``make gpu-check`` runs every benchmark in
 one call) and lists what it skipped. On the CPU (fp32): widths 256 and 512, T up to 2048. ``--quick``: fewer shapes.
 
 Usage: python bench/structured_ffn.py [--device cpu|cuda] [--out DIR] [--quick]
@@ -60,7 +60,7 @@ from primitives import device_name, device_slug, fmt_us  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "structured_ffn"
-BUDGET_S = 80.0
+BUDGET_S = 60.0
 
 
 def configs(d: int) -> list[dict]:
@@ -257,7 +257,7 @@ def add_ratios(rows: list[dict]) -> None:
 def check(device: torch.device, dtype: torch.dtype) -> None:
     """Every structure's structured, merged and (CUDA) decoding paths agree before timing."""
     d = 256
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    tol = 5e-2 if dtype != torch.float32 else 1e-4
     for cfg in configs(d)[1:]:
         ffn = build(d, cfg, device, dtype).eval()
         x = torch.randn(8, d, device=device, dtype=dtype)

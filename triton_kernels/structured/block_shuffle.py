@@ -36,8 +36,19 @@ def _operand(x, DOT_FP32: tl.constexpr):
     return x
 
 
+TUNE_FROM = 2048
+"""Launches whose token count (or reduction length) reaches this are autotuned on the GPU; the
+smaller ones take fixed tiles (autotuning compiles every config, which only large calls
+repay)."""
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_tuned(n: int) -> bool:
+    """Whether a launch over ``n`` tokens takes the autotuned kernel."""
+    return n >= TUNE_FROM and not interpreting()
 
 
 def tuned(kernel, configs: list[triton.Config], key: list[str]):
@@ -87,7 +98,6 @@ def _block_mm_kernel(A, W, C, M, N, K, M_BUCKET, K_BUCKET,
 
 
 _block_mm_tuned = tuned(_block_mm_kernel, [
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=3),
@@ -156,8 +166,6 @@ def _block_shuffle_fwd_kernel(X, W1, W2, Z, Y, T, NB, P, M, S, T_BUCKET,
 
 
 _block_shuffle_fwd_tuned = tuned(_block_shuffle_fwd_kernel, [
-    triton.Config(dict(BLOCK_T=64, BLOCK_I=64, BLOCK_C=32, BLOCK_O=64), num_warps=4,
-                  num_stages=2),
     triton.Config(dict(BLOCK_T=128, BLOCK_I=64, BLOCK_C=64, BLOCK_O=128), num_warps=8,
                   num_stages=3),
     triton.Config(dict(BLOCK_T=64, BLOCK_I=64, BLOCK_C=64, BLOCK_O=128), num_warps=4,
@@ -193,10 +201,12 @@ def block_matmul(a: torch.Tensor, a_strides: tuple[int, int, int], w: torch.Tens
     if M == 0 or N == 0 or G == 0:
         return
     args = (a, w, c, M, N, K, bucket(M), bucket(K), *a_strides, *w_strides, *c_strides)
-    if interpreting():  # tiles fitted to the (small) sizes: the interpreter's cost is per element
+    if not use_tuned(max(M, K)):  # tiles fitted to the (small) sizes
         block_m, block_n, block_k = _tiles(M, high=64), _tiles(N, high=64), _tiles(K, high=32)
-        _block_mm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)](
-            *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_flags(a, w))
+        with _on(a.device):
+            _block_mm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)](
+                *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_flags(a, w),
+                num_warps=4, num_stages=3)
         return
     with _on(a.device):
         _block_mm_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),
@@ -215,11 +225,12 @@ def block_shuffle_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
     if T == 0:
         return y, z
     args = (x, w1, w2, z, y, T, b, p, m, s, bucket(T))
-    if interpreting():
+    if not use_tuned(T):
         block_t = _tiles(T, high=64)
-        _block_shuffle_fwd_kernel[(triton.cdiv(T, block_t), b)](
-            *args, BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=32),
-            BLOCK_O=_tiles(s, high=64), **_dot_flags(x))
+        with _on(x.device):
+            _block_shuffle_fwd_kernel[(triton.cdiv(T, block_t), b)](
+                *args, BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=32),
+                BLOCK_O=_tiles(s, high=64), **_dot_flags(x), num_warps=4, num_stages=2)
         return y, z
     with _on(x.device):
         _block_shuffle_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), b)](

@@ -20,8 +20,8 @@ from .block_shuffle import (
     _tiles,
     block_matmul,
     bucket,
-    interpreting,
     tuned,
+    use_tuned,
 )
 
 
@@ -56,7 +56,6 @@ def _swiglu_up_kernel(Tm, U, OUT, T, F, R, T_BUCKET,
 
 
 _swiglu_up_tuned = tuned(_swiglu_up_kernel, [
-    triton.Config(dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_T=128, BLOCK_N=64, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_T=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=32), num_warps=8, num_stages=3),
@@ -77,11 +76,12 @@ def swiglu_up_triton(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor
         return out, t
     block_matmul(x, (b * p, p, 1), v, (rb * p, 1, p), t, (r, rb, 1), T, rb, p, b)
     args = (t, u, out, T, f, r, bucket(T))
-    if interpreting():
+    if not use_tuned(T):
         block_t, block_n = _tiles(T, high=64), _tiles(f, high=64)
-        _swiglu_up_kernel[(triton.cdiv(T, block_t), triton.cdiv(f, block_n))](
-            *args, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=_tiles(r, high=32),
-            **_dot_flags(x))
+        with _on(x.device):
+            _swiglu_up_kernel[(triton.cdiv(T, block_t), triton.cdiv(f, block_n))](
+                *args, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=_tiles(r, high=32),
+                **_dot_flags(x), num_warps=4, num_stages=3)
         return out, t
     with _on(x.device):
         _swiglu_up_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),

@@ -15,7 +15,8 @@ Decode rows: one decoding step (append the token to the cache, attend) against c
 preallocated cache, SDPA of one query over it), eager and, on CUDA, replayed as a CUDA graph.
 
 On CUDA (default, about a minute): bf16, B=1, D=128, L from 512 to 16384, decode contexts from
-512 to 16384. On CPU: fp32, D=64, 4 and 2 heads against 4, L up to 1024; the CASTLE rows use
+512 to 16384. ``--budget`` seconds (default 75 on CUDA; 70% for the layer rows) bound the run:
+once spent, the remaining lengths and contexts are skipped and listed in the results. On CPU: fp32, D=64, 4 and 2 heads against 4, L up to 1024; the CASTLE rows use
 the torch backend (the Triton kernels need a GPU).
 
 Usage: python bench/castle.py [--device cpu|cuda] [--out DIR] [--quick]
@@ -29,6 +30,7 @@ import datetime
 import importlib.util
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -155,7 +157,22 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def layer_rows(s: Setup, device: torch.device, plan: Plan) -> list[dict]:
+class Budget:
+    """Wall seconds left for the run; ``spent()`` once they are gone."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+        self.skipped: list[str] = []
+
+    def spent(self, what: str) -> bool:
+        if time.perf_counter() < self.end:
+            return False
+        self.skipped.append(what)
+        print(f"time budget spent: skipping {what}", flush=True)
+        return True
+
+
+def layer_rows(s: Setup, device: torch.device, plan: Plan, budget: Budget) -> list[dict]:
     dtype = getattr(torch, s.dtype)
     clock = cuda_clock if device.type == "cuda" else host_clock
     backend = castle_backend(device)
@@ -166,6 +183,8 @@ def layer_rows(s: Setup, device: torch.device, plan: Plan) -> list[dict]:
         impls += [("castle torch reference", "castle", s.heads_parity, "torch")]
     rows = []
     for L in s.lengths:
+        if budget.spent(f"layer L={L}"):
+            continue
         for label, kind, H, be in impls:
             if be == "torch" and L > s.reference_max_L:
                 continue
@@ -261,12 +280,14 @@ def standard_step(B: int, H: int, t: int, D: int, dtype, device) -> Callable[[],
     return step
 
 
-def decode_rows(s: Setup, device: torch.device, plan: Plan) -> list[dict]:
+def decode_rows(s: Setup, device: torch.device, plan: Plan, budget: Budget) -> list[dict]:
     dtype = getattr(torch, s.dtype)
     clock = cuda_clock if device.type == "cuda" else host_clock
     backend = _backend.select("castle_decode", device)[0]
     rows = []
     for t in s.contexts:
+        if budget.spent(f"decode context={t}"):
+            continue
         impls = [(f"castle_decode {backend}", s.heads_parity, castle_step),
                  (f"castle_decode {backend}", s.heads_std, castle_step),
                  ("standard (sdpa)", s.heads_std, standard_step)]
@@ -349,7 +370,9 @@ def markdown(report: dict) -> str:
         f"{s['dtype']}, B={s['B']}, D={s['D']}; parameter parity is {s['heads_parity']} CASTLE "
         f"heads against {s['heads_std']} standard heads. TFLOP/s by the design brief's counts "
         "(CASTLE fwd L²(5D+64), bwd L²(16D+192); causal SDPA fwd 2L²D, bwd 5L²D). "
-        f"lookahead-keys-attention: {report['package'] or 'not installed'}.",
+        f"lookahead-keys-attention: {report['package'] or 'not installed'}."
+        + (f" Skipped for the time budget: {', '.join(report['skipped_for_time'])}."
+           if report["skipped_for_time"] else ""),
         "",
         "## Goals",
         "",
@@ -427,13 +450,21 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _report.parse(_report.parser(__doc__, "fewer lengths and contexts"), argv)
+    p = _report.parser(__doc__, "fewer lengths and contexts")
+    p.add_argument("--budget", type=float,
+                   help="wall seconds for the layer and decode rows (default: 75 on CUDA, "
+                   "600 on CPU)")
+    args = _report.parse(p, argv)
     device = torch.device(args.device)
     s = setup(device, args.quick)
     plan = Plan(repeats=5, max_iters=10, target_s=0.02, warmup=2)
     torch.manual_seed(0)
-    layers = layer_rows(s, device, plan)
-    decode = decode_rows(s, device, plan)
+    seconds = args.budget or (75.0 if device.type == "cuda" else 600.0)
+    start = time.perf_counter()
+    layer_budget = Budget(0.7 * seconds)
+    layers = layer_rows(s, device, plan, layer_budget)
+    decode_budget = Budget(seconds - (time.perf_counter() - start))
+    decode = decode_rows(s, device, plan, decode_budget)
     try:
         import triton
 
@@ -456,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "note": note, "package": package, "setup": asdict(s), "plan": asdict(plan),
         "layers": layers, "decode": decode,
+        "skipped_for_time": layer_budget.skipped + decode_budget.skipped,
     }
     report["goals"] = goals(report)
     folder, also = _report.folders(args.out, RESULTS / device_slug(device))

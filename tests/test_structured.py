@@ -432,3 +432,43 @@ def test_ffn_decode_path_on_gpu(kind: str, rank, blocks) -> None:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.isfinite(y).all()
+
+
+def test_llama7b_gate_up_counts() -> None:
+    """The brief's LLaMA-7B-shaped SwiGLU numbers (d 4096, f 11008, r 1024)."""
+    d, f = 4096, 11008
+    dense = StructuredFFN(d, f, "dense", device="meta")
+    fused = StructuredFFN(d, f, "lowrank", rank=1024, device="meta")
+    separate = StructuredFFN(d, f, "lowrank", rank=1024, gate_up="separate", device="meta")
+    assert dense.num_params == 135_266_304
+    assert fused.num_params == 42_205_184  # 31.2%
+    assert separate.num_params == 46_399_488  # 34.3%
+
+
+@pytest.mark.parametrize("kind,rank,blocks", FFN_CASES)
+def test_separate_gate_up(kind: str, rank, blocks) -> None:
+    d, f = 16, 24
+    gate_up = nn.Linear(d, 2 * f, bias=True, dtype=torch.float64)
+    down = nn.Linear(f, d, bias=True, dtype=torch.float64)
+    ffn = StructuredFFN.from_dense(gate_up, down, kind, rank, blocks, gate_up="separate")
+    assert ffn.fc1.out_features == f and ffn.up.out_features == f
+    x = torch.randn(3, d, dtype=torch.float64)
+
+    def dense(fc):
+        return fc.weight if isinstance(fc, nn.Linear) else fc.to_dense()
+
+    gate = x @ dense(ffn.fc1).T + ffn.fc1.bias
+    up = x @ dense(ffn.up).T + ffn.up.bias
+    torch.testing.assert_close(ffn(x), (F.silu(gate) * up) @ dense(ffn.fc2).T + ffn.fc2.bias)
+    torch.testing.assert_close(ffn.up.bias, gate_up.bias[f:])
+    with torch.no_grad():
+        ffn.merge()
+        torch.testing.assert_close(ffn(x), (F.silu(gate) * up) @ dense(ffn.fc2).T + ffn.fc2.bias)
+    if kind == "lowrank":
+        exact = StructuredFFN.from_dense(gate_up, down, kind, rank=d, gate_up="separate")
+        g, u = gate_up(x).chunk(2, -1)
+        torch.testing.assert_close(exact(x), down(F.silu(g) * u))
+    with pytest.raises(ValueError, match="gate_up"):
+        StructuredFFN(d, f, "dense", gate_up="split")
+    with pytest.raises(ValueError, match="needs activation"):
+        StructuredFFN(d, f, "dense", activation="gelu", gate_up="separate")

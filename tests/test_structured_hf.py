@@ -35,13 +35,15 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 60, 11]])
 
 @pytest.mark.parametrize("model_type,mlp_bias", [("llama", False), ("llama", True),
                                                  ("qwen2", False)])
-@pytest.mark.parametrize("kind,rank,blocks", [("lowrank", 32, None), ("blockdense", 32, 1),
-                                              ("blockshuffle", None, 1)])
-def test_full_rank_is_exact(model_type: str, mlp_bias: bool, kind: str, rank, blocks) -> None:
+@pytest.mark.parametrize("kind,rank,blocks,gate_up", [
+    ("lowrank", 32, None, "fused"), ("lowrank", 32, None, "separate"),
+    ("blockdense", 32, 1, "fused"), ("blockshuffle", None, 1, "fused")])
+def test_full_rank_is_exact(model_type: str, mlp_bias: bool, kind: str, rank, blocks,
+                            gate_up: str) -> None:
     model = tiny(model_type, mlp_bias)
     with torch.no_grad():
         expected = model(IDS).logits
-        assert structure_model(model, kind, rank, blocks) == [1, 2]
+        assert structure_model(model, kind, rank, blocks, gate_up=gate_up) == [1, 2]
         layers = model.model.layers
         assert not isinstance(layers[0].mlp, StructuredFFN)
         assert all(isinstance(layer.mlp, StructuredFFN) for layer in layers[1:])

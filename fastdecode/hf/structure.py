@@ -23,13 +23,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def structure_model(model: nn.Module, kind: str, rank: int | None = None,
-                    blocks: int | None = None, *, skip_first: bool = True) -> list[int]:
+                    blocks: int | None = None, *, skip_first: bool = True,
+                    gate_up: str = "fused") -> list[int]:
     """Replaces, in place, the MLP of every decoder layer (but layer 0 with ``skip_first``, as
     the paper does) by a :class:`~fastdecode.nn.StructuredFFN` of ``kind`` fitted to it.
 
-    The SwiGLU gate and up projections become ONE structured ``d -> 2f`` layer (fitted to the
-    stacked ``[gate; up]`` weight) and down becomes a structured ``f -> d`` layer, both with
-    ``rank`` / ``blocks`` (see :class:`~fastdecode.nn.StructuredFFN`). Weights keep their
+    By default the SwiGLU gate and up projections become ONE structured ``d -> 2f`` layer
+    (fitted to the stacked ``[gate; up]`` weight; ``gate_up="separate"`` fits two ``d -> f``
+    layers instead) and down becomes a structured ``f -> d`` layer, all with ``rank`` /
+    ``blocks`` (see :class:`~fastdecode.nn.StructuredFFN`). Weights keep their
     dtype and device; MLP biases (``mlp_bias``) come along. At full rank (LowRank or one-block
     BlockDense with ``rank = min(d, f)``, or BlockShuffle with one block) the model computes
     the same function.
@@ -40,6 +42,7 @@ def structure_model(model: nn.Module, kind: str, rank: int | None = None,
         kind: ``"lowrank"``, ``"blockdense"``, ``"blockshuffle"`` or ``"dense"``.
         rank, blocks: the structure's parameters.
         skip_first: keep layer 0's MLP dense.
+        gate_up: ``"fused"`` or ``"separate"`` (see :class:`~fastdecode.nn.StructuredFFN`).
 
     Returns:
         The indices of the layers that were replaced.
@@ -55,7 +58,7 @@ def structure_model(model: nn.Module, kind: str, rank: int | None = None,
     layers = decoder_layers(model)
     # Validates kind, rank and blocks against the widths before any layer changes.
     StructuredFFN(config.hidden_size, config.intermediate_size, kind, rank, blocks,
-                  device="meta")
+                  gate_up=gate_up, device="meta")
     replaced = []
     for index, layer in enumerate(layers):
         if skip_first and index == 0:
@@ -67,6 +70,7 @@ def structure_model(model: nn.Module, kind: str, rank: int | None = None,
         fc1.weight = nn.Parameter(torch.cat([gate.weight.detach(), up.weight.detach()]))
         if gate.bias is not None:
             fc1.bias = nn.Parameter(torch.cat([gate.bias.detach(), up.bias.detach()]))
-        layer.mlp = StructuredFFN.from_dense(fc1, down, kind, rank, blocks, activation="swiglu")
+        layer.mlp = StructuredFFN.from_dense(fc1, down, kind, rank, blocks, activation="swiglu",
+                                             gate_up=gate_up)
         replaced.append(index)
     return replaced

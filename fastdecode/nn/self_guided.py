@@ -108,6 +108,13 @@ class SelfGuided(nn.Module):
         rng = random.Random(f"{self.seed}:{self.layer_id}:{self._step}:{self._calls}")
         return rng.random()
 
+    def reset_guide(self) -> None:
+        """Sets the guide to the layer's current dense equivalent (after re-initialising the
+        layer, so that the output is unchanged at the start of guidance)."""
+        if self.guide is not None:
+            with torch.no_grad():
+                self.guide.copy_(self.layer.to_dense())
+
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Advances t by one optimizer step; frees the guide once α reaches 0 (see
         :meth:`release`)."""

@@ -485,3 +485,20 @@ def test_ffn_compiles_in_one_graph() -> None:
         y.sum().backward()
         torch.testing.assert_close(y, ffn(x))
         assert x.grad is not None
+
+
+@pytest.mark.parametrize("kind,rank,blocks", FFN_CASES)
+def test_ffn_under_autocast(kind: str, rank, blocks) -> None:
+    """fp32 weights under bf16 autocast: the custom ops get bf16 operands, like F.linear."""
+    ffn = StructuredFFN(16, 32, kind, rank=rank, blocks=blocks)
+    x = torch.randn(5, 16, requires_grad=True)
+    want = ffn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(x)
+        with torch.no_grad():
+            ffn.merge()
+            y_merged = ffn(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    for got in (y, y_merged):
+        assert ((got.float() - want).norm() / want.norm()).item() < 3e-2

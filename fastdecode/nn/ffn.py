@@ -15,6 +15,7 @@ from fastdecode.nn.structured_linear import (
     BlockDenseLinear,
     LowRankLinear,
     StructuredLinear,
+    autocast_args,
     linear_from_dense,
     linear_params,
     make_linear,
@@ -148,7 +149,7 @@ class StructuredFFN(nn.Module):
         x2 = x.reshape(-1, self.d_model)
         if self._fused_up(x2):
             v = self.fc1.v if self.fc1.v.dim() == 3 else self.fc1.v[None]
-            h = swiglu_up(x2, v, self.fc1.u)
+            h = swiglu_up(*autocast_args(x2, v, self.fc1.u))
         elif self.gate_up == "separate":
             h = F.silu(self.fc1(x2)) * self.up(x2)
         elif self.activation == "swiglu":

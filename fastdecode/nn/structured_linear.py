@@ -39,6 +39,16 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def autocast_args(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` cast to the autocast dtype when autocast is on for their device (the ops are
+    custom ops, which autocast does not reach), else unchanged."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def _polar(g: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``A B^T`` of ``g = A S B^T`` (all singular values 1)."""
     a, _, bt = torch.linalg.svd(g, full_matrices=False)
@@ -171,7 +181,7 @@ class StructuredLinear(nn.Module):
         if path == "merged":
             w = self.merged_weight()
             if x.is_cuda and 1 <= x2.shape[0] <= MAX_DECODE_TOKENS:
-                y = dense_decode(x2, w)
+                y = dense_decode(*autocast_args(x2, w))
             else:
                 y = F.linear(x2, w)
         elif path == "decode":
@@ -258,7 +268,7 @@ class LowRankLinear(StructuredLinear):
         return F.linear(F.linear(x, self.v), self.u)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_decode(x, self.v, self.u)
+        return lowrank_decode(*autocast_args(x, self.v, self.u))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -346,7 +356,7 @@ class BlockDenseLinear(StructuredLinear):
         return F.linear(t.reshape(x.shape[0], b * rb), self.u)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        return block_dense_decode(x, self.v, self.u)
+        return block_dense_decode(*autocast_args(x, self.v, self.u))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -452,10 +462,10 @@ class BlockShuffleLinear(StructuredLinear):
         return y[out].to(self.w1.dtype)
 
     def _structured(self, x: torch.Tensor) -> torch.Tensor:
-        return block_shuffle(x, self.w1, self.w2)
+        return block_shuffle(*autocast_args(x, self.w1, self.w2))
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        return block_shuffle_decode(x, self.w1, self.w2)
+        return block_shuffle_decode(*autocast_args(x, self.w1, self.w2))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

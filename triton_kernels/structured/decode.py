@@ -71,7 +71,9 @@ def _sm_count(index: int) -> int:
 
 
 def _blocks(T: int) -> tuple[int, int]:
-    block_t = triton.next_power_of_2(T)
+    """``(BLOCK_T, BLOCK_N)`` for T tokens: every token in one tile (at least 2 rows, so that
+    no tile has a unit dim), and as many weight rows as keep the product tile at TILE."""
+    block_t = max(2, triton.next_power_of_2(T))
     return block_t, max(2, TILE // (block_t * BLOCK_K))
 
 

@@ -106,6 +106,10 @@ def corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:
     for f in stdlib_files():
         split = "val" if zlib.crc32(str(f.relative_to(root)).encode()) % 10 == 0 else "train"
         parts[split].append(f.read_bytes())
+    if len(parts["train"]) < 100 or not parts["val"]:
+        raise SystemExit(f"the standard library under {root} has too few .py files "
+                         f"({len(parts['train'])} train, {len(parts['val'])} validation): this "
+                         "Python ships compiled modules only")
     streams = {k: torch.frombuffer(bytearray(b"\0".join(v)), dtype=torch.uint8)
                for k, v in parts.items()}
     info = {"root": str(root), "train_files": len(parts["train"]), "val_files": len(parts["val"]),

@@ -193,11 +193,12 @@ def splits_of(L: int, rng: random.Random) -> list[int]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [None, 0, 4])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
 def test_decode_and_prefill_match_parallel(device, window, dtype):
     """Token-by-token decode, chunked prefill at random splits, and a whole-prompt prefill
     followed by decode all equal the parallel form; the final cache holds U^L."""
-    B, H, L, D = 2, 2, 53, 16
+    B, H, L, D = 2, 2, 41, 16
     x = inputs(B, H, L, D, dtype, device, seed=3)
     want = on("torch", castle_attention, *x, window=window, scale=0.25)
     _, _, ul = fastdecode.ops.castle.castle_attention_reference(
@@ -206,7 +207,7 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
     for backend in backends_on(device):
         with fastdecode.use_backend(backend):
             runs = {"decode": [1] * L, "random chunks": splits_of(L, rng),
-                    "prompt + decode": [19] + [1] * (L - 19)}
+                    "prompt + decode": [9] + [1] * (L - 9)}
             for name, sizes in runs.items():
                 cache = CastleCache(num_layers=2, window=window)
                 outs, pos = [], 0
@@ -222,8 +223,7 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
                 assert_close(cache.lookahead_keys(1), ul, dtype)
                 if window is not None:  # old lookahead queries were dropped
                     state = cache.layers[1]
-                    assert state.qu.shape[2] <= 2 * (window + max(sizes)) + 16
-                    assert state.qu_base >= L - 2 * (window + max(sizes)) - 16
+                    assert state.qu.shape[2] <= 2 * (window + max(sizes)) + 16 < L + 16
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastdecode._backend import dispatch, register, run
+from fastdecode._backend import dispatch, register, run, select
 from fastdecode.ops import _validate
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -347,6 +347,8 @@ class CastleCache:
     then :meth:`crop` to the accepted length. The lookahead keys are restored from the copy that
     :meth:`checkpoint` took (rows that later tokens could change: all of them, or the last W
     with a window) and the accepted tokens' updates are recomputed, so nothing is subtracted.
+    Until the next checkpoint every added token's k^U and v^U are kept for that, so call
+    :meth:`checkpoint` again once a step's tokens are accepted.
     """
 
     def __init__(self, num_layers: int = 1, window: int | None = None) -> None:
@@ -356,7 +358,7 @@ class CastleCache:
 
     def length(self, layer: int = 0) -> int:
         """Cached tokens of ``layer`` (0 before its first call)."""
-        state = self.layers[layer]
+        state = self.layers[_validate.integer("layer", layer, 0, len(self.layers) - 1)]
         return 0 if state is None else state.length
 
     def lookahead_keys(self, layer: int = 0) -> torch.Tensor:
@@ -586,10 +588,11 @@ def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: t
     prefill, a chunk of it, or the C draft tokens of a speculative step (roll back with
     :meth:`CastleCache.checkpoint` / :meth:`CastleCache.crop`).
 
-    Into an empty layer the parallel op :func:`castle_attention` runs and its final lookahead
-    keys fill the cache. Otherwise the chunked formula runs in steps of ``PREFILL_CHUNK``
-    tokens: new queries score old keys with the cached U plus the in-chunk terms, then U gains
-    the chunk's updates (with a window W only its last W rows change).
+    Into an empty layer, when :func:`castle_attention` runs on a kernel backend (not the dense
+    torch reference, cubic in C), that op runs and its final lookahead keys fill the cache.
+    Otherwise the chunked formula runs in steps of ``PREFILL_CHUNK`` tokens: new queries score
+    old keys with the cached U plus the in-chunk terms, then U gains the chunk's updates (with
+    a window W only its last W rows change).
 
     Args: as :func:`castle_decode`, with ``[B, H, C, D]`` tensors.
 
@@ -601,7 +604,8 @@ def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: t
     if C == 0:
         raise ValueError(f"castle_prefill needs C >= 1 tokens, found qc shape {tuple(qc.shape)}")
     window = cache._w()
-    if cache.length(layer) == 0 and C > 1:
+    if (cache.length(layer) == 0 and C > 1
+            and select("castle_attention", qc.device)[0] != "torch"):
         out, _, ul = dispatch("castle_attention", _castle_attention_op, qc.device, qc, kc, vc,
                               qu, ku, vu, window, scale)
         state = cache._append(layer, qc, kc, vc, qu, ku, vu, scale)

@@ -213,8 +213,12 @@ def package_rows(s: Setup, L: int, dtype, device, clock, plan) -> list[dict]:
     rows = []
     for label, pair in calls.items():
         for mode, fn in zip(("fwd", "fwd+bwd"), pair):
-            rows.append(layer_row(label, s.heads_parity, L, s, mode, fn, device, clock, plan,
-                                  None))
+            try:
+                rows.append(layer_row(label, s.heads_parity, L, s, mode, fn, device, clock, plan,
+                                      None))
+            except Exception as e:  # e.g. an output that is not a tensor: report it
+                rows.append({"impl": label, "heads": s.heads_parity, "L": L, "mode": mode,
+                             "error": f"{type(e).__name__}: {e}"})
     return rows
 
 

@@ -10,7 +10,13 @@ Attention kinds (``--attn``, all by default):
   ``castle-swl``  the same with a sliding lookahead window.
 Blocks: RMSNorm pre-norm, attention with RoPE, RMSNorm, a feed-forward block from the ``FFNS``
 registry (``--ffn``, default ``dense``: SwiGLU), residuals; tied input and output embeddings.
-A structured FFN plugs in by adding a factory ``(d_model, d_ff) -> nn.Module`` to ``FFNS``.
+A structured FFN plugs in by adding a factory ``(d_model, d_ff) -> nn.Module`` to ``FFNS``;
+``lowrank``, ``blockshuffle`` and ``lowrank-sgt`` are fastdecode's structured SwiGLU FFNs
+(``fastdecode.nn.StructuredFFN``, gate and up as one structured layer) at about 31% of the
+dense FFN's parameters, the last with self-guided training (the paper's stochastic variant,
+guided over the first half of the steps). Several ``--ffn`` names train one model per
+(attention, FFN) pair, e.g. ``--attn standard --ffn dense lowrank blockshuffle lowrank-sgt``
+(the structured-FFN comparison; results go to structured_ffn_train.* instead).
 
 The schedule: AdamW (betas 0.9/0.95, weight decay 0.1), linear warmup then cosine decay to 10%,
 gradient clipping at 1. ``--minutes`` is the wall budget of the whole run: a short timing of
@@ -46,6 +52,8 @@ from torch import nn
 import fastdecode
 from fastdecode import _backend
 from fastdecode.nn.castle import CastleAttention, rotate
+from fastdecode.nn.ffn import StructuredFFN
+from fastdecode.nn.self_guided import guided_layers, self_guide, step_self_guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
@@ -143,6 +151,30 @@ class SwiGLU(nn.Module):
 
 FFNS: dict[str, Callable[[int, int], nn.Module]] = {"dense": SwiGLU}
 """Feed-forward factories ``(d_model, d_ff) -> module over [..., d_model]``, chosen by --ffn."""
+FFN_SHARE = 0.3125
+"""The structured FFNs' share of the dense SwiGLU's FFN parameters (the paper's "32%")."""
+
+
+def structured_ffn(kind: str, guided: bool = False) -> Callable[[int, int], nn.Module]:
+    """A factory of fastdecode SwiGLU ``StructuredFFN``s at about FFN_SHARE of the dense FFN's
+    parameters: LowRank with the nearest rank, or BlockShuffle with 4 blocks. ``guided`` wraps
+    its layers for self-guided training (stochastic); ``train`` sets the guided phase."""
+
+    def make(d_model: int, d_ff: int) -> nn.Module:
+        if kind == "lowrank":
+            rank = round(FFN_SHARE * 3 * d_model * d_ff / (2 * d_model + 3 * d_ff))
+            ffn = StructuredFFN(d_model, d_ff, "lowrank", rank=rank)
+        else:
+            ffn = StructuredFFN(d_model, d_ff, "blockshuffle", blocks=4)
+        if guided:
+            self_guide(ffn, guide_steps=1 << 30, stochastic=True)
+        return ffn
+
+    return make
+
+
+FFNS.update(lowrank=structured_ffn("lowrank"), blockshuffle=structured_ffn("blockshuffle"))
+FFNS["lowrank-sgt"] = structured_ffn("lowrank", guided=True)
 
 
 class StandardAttention(nn.Module):
@@ -209,6 +241,10 @@ def attention_params(model: TinyLM) -> int:
     return sum(p.numel() for b in model.blocks for p in b.attn.parameters())
 
 
+def ffn_params(model: TinyLM) -> int:
+    return sum(p.numel() for b in model.blocks for p in b.ffn.parameters())
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 
@@ -223,7 +259,11 @@ def lr_at(step: int, steps: int, cfg: Config) -> float:
 
 def make_model(kind: str, cfg: Config, ffn: str, device: torch.device) -> TinyLM:
     torch.manual_seed(cfg.seed)
-    return TinyLM(kind, cfg, ffn).to(device)
+    model = TinyLM(kind, cfg, ffn)
+    for i, layer in enumerate(guided_layers(model)):  # self-guided: W starts as the structure
+        layer.layer_id = i
+        layer.reset_guide()
+    return model.to(device)
 
 
 def optimizer(model: TinyLM, cfg: Config) -> torch.optim.Optimizer:
@@ -270,6 +310,8 @@ def train(kind: str, cfg: Config, ffn: str, device: torch.device, steps: int,
           train_stream: torch.Tensor, val: list[torch.Tensor]) -> dict:
     """Trains one model for ``steps`` steps; returns its curve and final numbers."""
     model = make_model(kind, cfg, ffn, device)
+    for layer in guided_layers(model):
+        layer.guide_steps = steps // 2
     opt = optimizer(model, cfg)
     curve = [{"step": 0, "tokens": 0, "val_loss": evaluate(model, val, device)}]
     train_losses = []
@@ -284,17 +326,19 @@ def train(kind: str, cfg: Config, ffn: str, device: torch.device, steps: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        step_self_guided(model, opt)
         train_losses.append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "tokens": (step + 1) * cfg.batch * cfg.seq_len,
                           "val_loss": evaluate(model, val, device),
                           "train_loss": sum(train_losses[-cfg.eval_every:])
                           / len(train_losses[-cfg.eval_every:])})
-            print(f"  {kind:<11} step {step + 1:>5}/{steps}  train {curve[-1]['train_loss']:.4f}"
+            print(f"  {kind:<11} {ffn:<12} step {step + 1:>5}/{steps}  train {curve[-1]['train_loss']:.4f}"
                   f"  val {curve[-1]['val_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    return {"attn": kind, "params": sum(p.numel() for p in model.parameters()),
-            "attention_params": attention_params(model), "steps": steps,
+    return {"attn": kind, "ffn": ffn, "params": sum(p.numel() for p in model.parameters()),
+            "attention_params": attention_params(model), "ffn_params": ffn_params(model),
+            "steps": steps,
             "tokens": steps * cfg.batch * cfg.seq_len, "seconds": time.perf_counter() - t0,
             "final_val_loss": curve[-1]["val_loss"], "curve": curve}
 
@@ -304,8 +348,10 @@ def train(kind: str, cfg: Config, ffn: str, device: torch.device, steps: int,
 
 def markdown(report: dict) -> str:
     cfg, data = report["config"], report["data"]
+    title = ("standard attention against CASTLE" if report["ffn"] == ["dense"]
+             else "structured FFNs against dense")
     lines = [
-        f"# Tiny LM training: standard attention against CASTLE on {report['device']}",
+        f"# Tiny LM training: {title} on {report['device']}",
         "",
         f"torch {report['torch']}, fastdecode {report['fastdecode']}, {report['date']}; "
         f"{report['note']}. CASTLE ran on the `{report['castle_backend']}` backend.",
@@ -315,35 +361,39 @@ def markdown(report: dict) -> str:
         f"{data['val_bytes']:,} bytes), byte-level. Model: d_model {cfg['d_model']}, "
         f"{cfg['layers']} layers, head dim {cfg['head_dim']}, {cfg['heads_std']} standard "
         f"heads against {cfg['heads_castle']} CASTLE heads, SWL window {cfg['window']}, FFN "
-        f"`{report['ffn']}` (hidden {cfg['d_ff']}), sequences of {cfg['seq_len']} bytes, batch "
+        f"`{', '.join(report['ffn'])}` (hidden {cfg['d_ff']}), sequences of {cfg['seq_len']} bytes, batch "
         f"{cfg['batch']}, peak LR {cfg['lr']}. Every model: the same seed, batches, steps and "
         f"schedule; validation loss (nats per byte) over {cfg['eval_batches']} fixed batches.",
         "",
-        "| attention | params | attention params | steps | tokens | train time s | "
-        "final val loss | vs standard |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| attention | FFN | params | attention params | FFN params | steps | tokens | "
+        "train time s | final val loss | vs standard | vs dense FFN |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base = next((r["final_val_loss"] for r in report["runs"] if r["attn"] == "standard"), None)
+    final = {(r["attn"], r["ffn"]): r["final_val_loss"] for r in report["runs"]}
     for r in report["runs"]:
-        delta = "-" if base is None or r["attn"] == "standard" else \
-            f"{r['final_val_loss'] - base:+.4f}"
-        lines.append(f"| {r['attn']} | {r['params']:,} | {r['attention_params']:,} | "
-                     f"{r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} | "
-                     f"{r['final_val_loss']:.4f} | {delta} |")
+        deltas = []
+        for base in (final.get(("standard", r["ffn"])), final.get((r["attn"], "dense"))):
+            same = base is None or base is r["final_val_loss"]
+            deltas.append("-" if same else f"{r['final_val_loss'] - base:+.4f}")
+        lines.append(f"| {r['attn']} | {r['ffn']} | {r['params']:,} | "
+                     f"{r['attention_params']:,} | {r['ffn_params']:,} | {r['steps']} | "
+                     f"{r['tokens']:,} | {r['seconds']:.0f} | {r['final_val_loss']:.4f} | "
+                     f"{deltas[0]} | {deltas[1]} |")
     lines += ["", report["verdict"]]
     return "\n".join(lines) + "\n"
 
 
 def verdict(runs: list[dict]) -> str:
-    by = {r["attn"]: r["final_val_loss"] for r in runs}
-    if "standard" not in by or len(by) < 2:
-        return "Only one attention kind ran: nothing to compare."
+    by = {(r["attn"], r["ffn"]): r["final_val_loss"] for r in runs}
     parts = []
-    for kind in ("castle", "castle-swl"):
-        if kind in by:
-            d = by[kind] - by["standard"]
-            word = "lower" if d < 0 else "higher"
-            parts.append(f"{kind} ends {abs(d):.4f} nats/byte {word} than standard")
+    for (attn, ffn), loss in by.items():
+        for other, base in ((("standard", ffn), "standard"), ((attn, "dense"), "the dense FFN")):
+            if other in by and other != (attn, ffn):
+                d = loss - by[other]
+                word = "lower" if d < 0 else "higher"
+                parts.append(f"{attn}/{ffn} ends {abs(d):.4f} nats/byte {word} than {base}")
+    if not parts:
+        return "Only one model ran: nothing to compare."
     return ("Result (one seed, tiny scale; differences of a few hundredths can be noise): "
             + "; ".join(parts) + ".")
 
@@ -359,7 +409,8 @@ def plot(report: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report["runs"]:
         pts = [(p["tokens"], p["val_loss"]) for p in r["curve"] if p["step"] > 0]
-        ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=r["attn"])
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".",
+                label=r["attn"] if len(report["ffn"]) == 1 else f"{r['attn']} / {r['ffn']}")
     ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"tiny byte-level LMs on the Python stdlib ({report['device']})", fontsize=10)
@@ -377,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: 10 on CPU, 2.5 on CUDA; 0.5 with --quick)")
     p.add_argument("--steps", type=int, help="training steps per model (overrides --minutes)")
     p.add_argument("--attn", nargs="+", choices=ATTENTION_KINDS, default=list(ATTENTION_KINDS))
-    p.add_argument("--ffn", choices=sorted(FFNS), default="dense")
+    p.add_argument("--ffn", nargs="+", choices=sorted(FFNS), default=["dense"])
     args = _report.parse(p, argv)
     device = torch.device(args.device)
     cfg = default_config(device, args.quick)
@@ -390,13 +441,16 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps
     if steps is None:
         probe = batches(train_stream, 1, cfg, seed=999)[0]
-        per_step = {k: seconds_per_step(k, cfg, args.ffn, device, probe) for k in args.attn}
+        per_step = {(k, f): seconds_per_step(k, cfg, f, device, probe)
+                    for k in args.attn for f in args.ffn}
         evals_share = 1 + cfg.eval_batches / (3 * cfg.eval_every)  # evaluation's extra cost
         left = minutes * 60 - (time.perf_counter() - started)
         steps = max(cfg.eval_every, int(0.9 * left / (sum(per_step.values()) * evals_share)))
-        print("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in per_step.items())
+        print("seconds per step: " + ", ".join(f"{k}/{f} {v:.3f}"
+                                               for (k, f), v in per_step.items())
               + f" -> {steps} steps each", flush=True)
-    runs = [train(k, cfg, args.ffn, device, steps, train_stream, val) for k in args.attn]
+    runs = [train(k, cfg, f, device, steps, train_stream, val)
+            for k in args.attn for f in args.ffn]
     note = ("1 core (taskset -c 1), other jobs running on the machine"
             if device.type == "cpu" else "one GPU, bf16 autocast")
     report = {
@@ -408,8 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         "verdict": verdict(runs), "wall_seconds": time.perf_counter() - started,
     }
     folder, also = _report.folders(args.out, RESULTS / device_slug(device))
-    png = plot(report, folder / f"{NAME}.png")
-    _report.save(NAME, report, markdown(report), folder, also, [png] if png else [])
+    name = NAME if args.ffn == ["dense"] else "structured_ffn_train"
+    png = plot(report, folder / f"{name}.png")
+    _report.save(name, report, markdown(report), folder, also, [png] if png else [])
 
 
 if __name__ == "__main__":

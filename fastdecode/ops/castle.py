@@ -271,9 +271,8 @@ def castle_attention_naive(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     rows = []
     for t in range(qc.shape[2]):
         pos = torch.arange(t + 1, device=qc.device)
-        g = torch.where(_lookahead_allowed(pos, pos, w),
-                        torch.sigmoid(c * qu64[:, :, :t + 1] @ ku64[:, :, :t + 1].transpose(-1, -2)),
-                        0.0)
+        logits = c * qu64[:, :, :t + 1] @ ku64[:, :, :t + 1].transpose(-1, -2)
+        g = torch.where(_lookahead_allowed(pos, pos, w), torch.sigmoid(logits), 0.0)
         u = g @ vu64[:, :, :t + 1]  # [B, H, t+1, D], row t is zero
         q = qc64[:, :, t:t + 1]  # [B, H, 1, D]
         z = c * q @ kc64[:, :, :t + 1].transpose(-1, -2) - F.silu(c * q @ u.transpose(-1, -2))

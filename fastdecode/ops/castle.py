@@ -7,8 +7,10 @@ window W, keeps only ``r <= s + W``). Query t scores key s as
 
 This file holds:
   * :func:`castle_attention`, the parallel (training) form with autograd, dispatched to the
-    ``torch`` reference (Theorem 1 of the paper, dense L x L matrices in fp32) or the ``triton``
-    kernels (``fastdecode.triton_kernels.castle.parallel``: blocked, O(L d) extra memory);
+    ``torch`` reference (Theorem 1 of the paper and its hand-derived backward, dense L x L
+    matrices in fp32; O(L^3) for the lookahead scores, fine for small models on a CPU) or the
+    ``triton`` kernels (``fastdecode.triton_kernels.castle.parallel``: blocked, O(L^2 D) time,
+    O(L D) extra memory);
   * :func:`castle_attention_naive`, the literal definition that rebuilds every lookahead key for
     every step (O(L^3 d); a test oracle);
   * :class:`CastleCache` with :func:`castle_decode` (one token; the ``triton`` backend fuses the
@@ -199,19 +201,17 @@ def _check_window(window: object) -> int:
     return _validate.integer("window", window, 0)
 
 
-def _check_six(tensors: tuple, layout: str, dtype: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, ...]:
+def _check_six(tensors: tuple, layout: str) -> tuple[torch.Tensor, ...]:
     """Checks the six projections: 4-D ``[B, H, L, D]`` tensors of one shape, dtype and device
     with D a multiple of 16 in [16, 256]; returns them with unit stride on D."""
     for name, x in zip(_NAMES, tensors):
         _validate.tensor(name, x, None, 4, layout)
     qc = tensors[0]
-    want = dtype or qc.dtype
-    if want not in DTYPES:
+    if qc.dtype not in DTYPES:
         raise TypeError(f"qc must have dtype float16, bfloat16, float32 or float64, found "
                         f"{qc.dtype}")
     for name, x in zip(_NAMES, tensors):
-        _validate.tensor(name, x, want)
+        _validate.tensor(name, x, qc.dtype)
         _validate.shape(name, x, qc.shape, layout)
     D = qc.shape[3]
     if D % 16 or not 16 <= D <= MAX_HEAD_DIM:

@@ -171,7 +171,7 @@ def test_block_boundaries():
         x = inputs(1, 1, L, 16, torch.float64, seed=L)
         w = -1 if window is None else window
         want = castle_attention_naive(*x, window=window, scale=0.25)
-        for block in (16, 32):
+        for block in (16, 32, 64):  # the interpreter's block and the GPU's
             out, _, ul = castle_forward_triton(*x, w, 0.25, block=block)
             torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
         # the final D is U^L: the last step of a token-by-token decode
@@ -227,12 +227,13 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decode_kernel_split_kv(device):
+@pytest.mark.parametrize("D", [32, 96])  # row tiles of 64 and of 32
+def test_decode_kernel_split_kv(device, D):
     """The decode kernel cut into cache slices (split-KV and its merge) equals one slice."""
     need("triton", device)
     from fastdecode.triton_kernels.castle.decode import castle_decode_triton
 
-    B, H, L, D = 2, 3, 150, 32
+    B, H, L = 2, 3, 150
     x = inputs(B, H, L, D, torch.float32, device, seed=4)
     for window in (-1, 20):
         results = []

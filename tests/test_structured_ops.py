@@ -23,7 +23,11 @@ from fastdecode.ops import (
     lowrank_decode,
     swiglu_up,
 )
-from fastdecode.ops.structured import block_shuffle_reference, swiglu_up_reference
+from fastdecode.ops.structured import (
+    block_shuffle_backward_reference,
+    block_shuffle_reference,
+    swiglu_up_reference,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
@@ -258,6 +262,14 @@ def test_every_autotune_config() -> None:
         bs._block_shuffle_fwd_kernel[grid](x, w1, w2, z, y, T, b, p, m, s, 128,
                                            **config.kwargs, **flags)
         assert rel(y, y_ref) < 1e-5 and rel(z, z_ref) < 1e-5, config
+    gy = torch.randn_like(y_ref)
+    gx_ref = block_shuffle_backward_reference(gy, x, w1, w2, z_ref)[0]
+    for config in bs._block_shuffle_bwd_tuned.configs:
+        gh, gx = torch.empty(T, b * m), torch.empty_like(x)
+        grid = (triton.cdiv(T, config.kwargs["BLOCK_T"]), b)
+        bs._block_shuffle_bwd_kernel[grid](gy, w1, w2, gh, gx, T, b, p, m, s, 128,
+                                           **config.kwargs, **flags)
+        assert rel(gx, gx_ref) < 1e-5, config
     c_ref = x[:, :p] @ w1[0].T  # block 0 of stage 1: [T, m]
     for config in bs._block_mm_tuned.configs:
         c = torch.empty(T, m)

@@ -13,8 +13,15 @@ masked GEMM per stage-1 block it touches (usually one). It stores z_j in the z l
 ``[T, b, m]`` (kept for the backward), waits at a block barrier, reads it back (L1/L2 resident)
 and runs stage 2, storing y through the output interleave.
 
-Backward: four launches of :func:`block_matmul`, a GEMM over strided index maps: the gradient of
-z (scattered straight into the h layout), of x, of w2 and of w1.
+Backward: one kernel for the data path and two for the weights. A program of
+:func:`_block_shuffle_bwd_kernel` owns a token tile and one stage-1 block k. The rows of h in
+block k are ``r = i*b + j`` for every stage-2 block j and a CONTIGUOUS range of i
+(``ceil((k*m - j)/b) <= i < ceil(((k+1)*m - j)/b)``), so it computes its gradient of h,
+``gh[r] = sum_o gy[o*b + j] w2[j, o, i]``, as b plain GEMMs over those ranges (no work is
+repeated across programs), stores it in the h layout (kept for w1's gradient), waits at a
+block barrier and applies ``w1[k]`` to get x's gradient for input slice k. The weight
+gradients reduce over tokens: two launches of :func:`block_matmul`, a GEMM over strided index
+maps.
 """
 
 from __future__ import annotations
@@ -175,6 +182,69 @@ _block_shuffle_fwd_tuned = tuned(_block_shuffle_fwd_kernel, [
 ], key=["NB", "P", "M", "S", "T_BUCKET"])
 
 
+@triton.jit
+def _block_shuffle_bwd_kernel(GY, W1, W2, GH, GX, T, NB, P, M, S, T_BUCKET,
+                              BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid ``(cdiv(T, BLOCK_T), b)``: for BLOCK_T tokens and stage-1 block k, writes
+    ``GH[t, k*m : (k+1)*m]`` (the gradient of h, GY's dtype) and ``GX[t, k*p : (k+1)*p]``.
+    ``T_BUCKET`` only keys the autotuning."""
+    pid_t = tl.program_id(0)
+    k = tl.program_id(1)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    row_ok = rows < T
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_o = tl.arange(0, BLOCK_O)
+    gy_rows = GY + rows[:, None] * (NB * S)
+    gh_rows = GH + rows[:, None] * (NB * M)
+
+    # gh[r] for the rows r = i*b + j of block k: per j, a contiguous range of i.
+    for j in range(0, NB):
+        i_lo = (k * M - j + NB - 1) // NB
+        i_hi = ((k + 1) * M - j + NB - 1) // NB
+        w2_block = W2 + j * S * M
+        for i0 in range(i_lo, i_hi, BLOCK_I):
+            i = i0 + offs_i
+            i_ok = i < i_hi
+            acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+            for o0 in range(0, S, BLOCK_O):
+                o = o0 + offs_o
+                o_ok = o < S
+                g = tl.load(gy_rows + o[None, :] * NB + j, mask=row_ok[:, None] & o_ok[None, :],
+                            other=0.0)
+                w = tl.load(w2_block + o[:, None].to(tl.int64) * M + i[None, :],
+                            mask=o_ok[:, None] & i_ok[None, :], other=0.0)
+                acc = tl.dot(_operand(g, DOT_FP32), _operand(w, DOT_FP32), acc,
+                             input_precision=DOT_PRECISION)
+            tl.store(gh_rows + i[None, :] * NB + j, acc.to(GH.dtype.element_ty),
+                     mask=row_ok[:, None] & i_ok[None, :])
+    tl.debug_barrier()  # this program's gh stores are visible to all its threads
+
+    # gx[k*p + c] = sum_i gh[k*m + i] w1[k, i, c].
+    w1_block = W1 + k.to(tl.int64) * M * P
+    for c0 in range(0, P, BLOCK_C):
+        c = c0 + offs_c
+        c_ok = c < P
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for i0 in range(0, M, BLOCK_I):
+            i = i0 + offs_i
+            i_ok = i < M
+            h = tl.load(gh_rows + k * M + i[None, :], mask=row_ok[:, None] & i_ok[None, :],
+                        other=0.0)
+            w = tl.load(w1_block + i[:, None].to(tl.int64) * P + c[None, :],
+                        mask=i_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(_operand(h, DOT_FP32), _operand(w, DOT_FP32), acc,
+                         input_precision=DOT_PRECISION)
+        tl.store(GX + rows[:, None] * (NB * P) + k * P + c[None, :], acc.to(GX.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
+
+
+_block_shuffle_bwd_tuned = tuned(_block_shuffle_bwd_kernel, _block_shuffle_fwd_tuned.configs,
+                                 key=["NB", "P", "M", "S", "T_BUCKET"])
+
+
 def _tiles(n: int, low: int = 16, high: int = 64) -> int:
     return min(high, max(low, triton.next_power_of_2(n)))
 
@@ -250,10 +320,18 @@ def block_shuffle_backward_triton(gy: torch.Tensor, x: torch.Tensor, w1: torch.T
     gx = torch.empty_like(x)
     gw1 = torch.empty_like(w1)
     gw2 = torch.empty_like(w2)
-    # gz_j[t, i] = sum_o gy[t, o*b + j] w2[j, o, i], stored at gh[t, i*b + j].
-    block_matmul(gy, (b * s, 1, b), w2, (s * m, m, 1), gh, (b * m, 1, b), T, m, s, b)
-    # gx[t, k*p + c] = sum_i gh[t, k*m + i] w1[k, i, c].
-    block_matmul(gh, (b * m, m, 1), w1, (m * p, p, 1), gx, (b * p, p, 1), T, p, m, b)
+    if T == 0:
+        return gx, gw1.zero_(), gw2.zero_()
+    args = (gy, w1, w2, gh, gx, T, b, p, m, s, bucket(T))
+    with _on(x.device):
+        if use_tuned(T):
+            _block_shuffle_bwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), b)](
+                *args, **_dot_flags(x))
+        else:
+            block_t = _tiles(T, high=64)
+            _block_shuffle_bwd_kernel[(triton.cdiv(T, block_t), b)](
+                *args, BLOCK_T=block_t, BLOCK_I=_tiles(m, high=64), BLOCK_C=_tiles(p, high=64),
+                BLOCK_O=_tiles(s, high=32), **_dot_flags(x), num_warps=4, num_stages=2)
     # gw2[j, o, i] = sum_t gy[t, o*b + j] z[t, j, i].
     block_matmul(gy, (b, 1, b * s), z, (m, b * m, 1), gw2, (m, s * m, 1), s, m, T, b)
     # gw1[k, i, c] = sum_t gh[t, k*m + i] x[t, k*p + c].

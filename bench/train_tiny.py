@@ -14,7 +14,7 @@ A structured FFN plugs in by adding a factory ``(d_model, d_ff) -> nn.Module`` t
 ``lowrank``, ``blockshuffle`` and ``lowrank-sgt`` are fastdecode's structured SwiGLU FFNs
 (``fastdecode.nn.StructuredFFN``, gate and up as one structured layer) at about 31% of the
 dense FFN's parameters, the last with self-guided training (the paper's stochastic variant,
-guided over the first half of the steps). Several ``--ffn`` names train one model per
+guided over the first half of the steps; ``lowrank-sgt-det`` is the deterministic mix). Several ``--ffn`` names train one model per
 (attention, FFN) pair, e.g. ``--attn standard --ffn dense lowrank blockshuffle lowrank-sgt``
 (the structured-FFN comparison; results go to structured_ffn_train.* instead).
 
@@ -155,10 +155,12 @@ FFN_SHARE = 0.3125
 """The structured FFNs' share of the dense SwiGLU's FFN parameters (the paper's "32%")."""
 
 
-def structured_ffn(kind: str, guided: bool = False) -> Callable[[int, int], nn.Module]:
+def structured_ffn(kind: str, guided: bool = False,
+                   stochastic: bool = True) -> Callable[[int, int], nn.Module]:
     """A factory of fastdecode SwiGLU ``StructuredFFN``s at about FFN_SHARE of the dense FFN's
     parameters: LowRank with the nearest rank, or BlockShuffle with 4 blocks. ``guided`` wraps
-    its layers for self-guided training (stochastic); ``train`` sets the guided phase."""
+    its layers for self-guided training (``stochastic``: the paper's cheap variant, whose
+    expected mix is α² rather than α); ``train`` sets the guided phase."""
 
     def make(d_model: int, d_ff: int) -> nn.Module:
         if kind == "lowrank":
@@ -167,7 +169,7 @@ def structured_ffn(kind: str, guided: bool = False) -> Callable[[int, int], nn.M
         else:
             ffn = StructuredFFN(d_model, d_ff, "blockshuffle", blocks=4)
         if guided:
-            self_guide(ffn, guide_steps=1 << 30, stochastic=True)
+            self_guide(ffn, guide_steps=1 << 30, stochastic=stochastic)
         return ffn
 
     return make
@@ -175,6 +177,7 @@ def structured_ffn(kind: str, guided: bool = False) -> Callable[[int, int], nn.M
 
 FFNS.update(lowrank=structured_ffn("lowrank"), blockshuffle=structured_ffn("blockshuffle"))
 FFNS["lowrank-sgt"] = structured_ffn("lowrank", guided=True)
+FFNS["lowrank-sgt-det"] = structured_ffn("lowrank", guided=True, stochastic=False)
 
 
 class StandardAttention(nn.Module):

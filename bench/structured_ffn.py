@@ -28,7 +28,8 @@ On CUDA (bf16), most important first: decode at widths 5120 and 2048, the forwar
 5120 with T in {1, 16, 256, 2048, 30720}, training at T = 8192, the SwiGLU section, the one
 projection, then the forward at width 2048 (same T) and at widths 4096 and 6144 (T = 30720);
 the run stops adding sections past a 60 s budget (``make gpu-check`` runs every benchmark in
-one call) and lists what it skipped. On the CPU (fp32): widths 256 and 512, T up to 2048. ``--quick``: fewer shapes.
+one call) and lists what it skipped. On the CPU (fp32): widths 256 and 512, T up to 2048.
+``--quick``: fewer shapes.
 
 Usage: python bench/structured_ffn.py [--device cpu|cuda] [--out DIR] [--quick]
 Writes structured_ffn.json, structured_ffn.md and structured_ffn.png into DIR (default
@@ -307,7 +308,8 @@ def markdown(report: dict) -> str:
             continue
         lines += ["", f"## {title}", ""]
         if section == "decode":
-            lines += ["| width | T | impl | path | mode | params | µs | vs dense | GB/s | of copy |",
+            lines += ["| width | T | impl | path | mode | params | µs | vs dense | GB/s | "
+                      "of copy |",
                       "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         elif section == "swiglu":
             lines += ["| width | T | impl | mode | params | µs | vs dense |",

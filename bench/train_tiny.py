@@ -14,9 +14,10 @@ A structured FFN plugs in by adding a factory ``(d_model, d_ff) -> nn.Module`` t
 ``lowrank``, ``blockshuffle`` and ``lowrank-sgt`` are fastdecode's structured SwiGLU FFNs
 (``fastdecode.nn.StructuredFFN``, gate and up as one structured layer) at about 31% of the
 dense FFN's parameters, the last with self-guided training (the paper's stochastic variant,
-guided over the first half of the steps; ``lowrank-sgt-det`` is the deterministic mix). Several ``--ffn`` names train one model per
-(attention, FFN) pair, e.g. ``--attn standard --ffn dense lowrank blockshuffle lowrank-sgt``
-(the structured-FFN comparison; results go to structured_ffn_train.* instead).
+guided over the first half of the steps; ``lowrank-sgt-det`` is the deterministic mix).
+Several ``--ffn`` names train one model per (attention, FFN) pair, e.g. ``--attn standard
+--ffn dense lowrank blockshuffle lowrank-sgt lowrank-sgt-det`` (the structured-FFN
+comparison; its results go to structured_ffn_train.* instead).
 
 The schedule: AdamW (betas 0.9/0.95, weight decay 0.1), linear warmup then cosine decay to 10%,
 gradient clipping at 1. ``--minutes`` is the wall budget of the whole run: a short timing of
@@ -336,7 +337,8 @@ def train(kind: str, cfg: Config, ffn: str, device: torch.device, steps: int,
                           "val_loss": evaluate(model, val, device),
                           "train_loss": sum(train_losses[-cfg.eval_every:])
                           / len(train_losses[-cfg.eval_every:])})
-            print(f"  {kind:<11} {ffn:<12} step {step + 1:>5}/{steps}  train {curve[-1]['train_loss']:.4f}"
+            print(f"  {kind:<11} {ffn:<12} step {step + 1:>5}/{steps}  "
+                  f"train {curve[-1]['train_loss']:.4f}"
                   f"  val {curve[-1]['val_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     return {"attn": kind, "ffn": ffn, "params": sum(p.numel() for p in model.parameters()),
@@ -364,7 +366,8 @@ def markdown(report: dict) -> str:
         f"{data['val_bytes']:,} bytes), byte-level. Model: d_model {cfg['d_model']}, "
         f"{cfg['layers']} layers, head dim {cfg['head_dim']}, {cfg['heads_std']} standard "
         f"heads against {cfg['heads_castle']} CASTLE heads, SWL window {cfg['window']}, FFN "
-        f"`{', '.join(report['ffn'])}` (hidden {cfg['d_ff']}), sequences of {cfg['seq_len']} bytes, batch "
+        f"`{', '.join(report['ffn'])}` (hidden {cfg['d_ff']}), sequences of {cfg['seq_len']} "
+        f"bytes, batch "
         f"{cfg['batch']}, peak LR {cfg['lr']}. Every model: the same seed, batches, steps and "
         f"schedule; validation loss (nats per byte) over {cfg['eval_batches']} fixed batches.",
         "",

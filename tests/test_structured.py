@@ -40,7 +40,8 @@ def layers(d_in: int, d_out: int, dtype: torch.dtype = torch.float64) -> list[St
 
 def shuffle_dense_by_formula(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The brief's entry formula, element by element:
-    ``W[o*b + j, k*p + c] = sum over i with (i*b + j) // m == k of w2[j, o, i] * w1[k, (i*b + j) % m, c]``."""
+    ``W[o*b + j, k*p + c]`` is the sum over i with ``(i*b + j) // m == k`` of
+    ``w2[j, o, i] * w1[k, (i*b + j) % m, c]``."""
     b, m, p = w1.shape
     s = w2.shape[1]
     W = torch.zeros(b * s, b * p, dtype=w1.dtype)
@@ -251,9 +252,9 @@ def test_from_dense_recovers_its_own_family() -> None:
     for layer in layers(24, 48) + layers(48, 24):
         kind = {LowRankLinear: "lowrank", BlockDenseLinear: "blockdense",
                 BlockShuffleLinear: "blockshuffle"}[type(layer)]
-        fit = linear_from_dense(kind, layer.to_dense().detach(),
-                                rank=getattr(layer, "rank", None) if kind != "blockshuffle" else None,
-                                blocks=getattr(layer, "blocks", None) if kind != "lowrank" else None)
+        rank = getattr(layer, "rank", None) if kind != "blockshuffle" else None
+        blocks = getattr(layer, "blocks", None) if kind != "lowrank" else None
+        fit = linear_from_dense(kind, layer.to_dense().detach(), rank=rank, blocks=blocks)
         torch.testing.assert_close(fit.to_dense(), layer.to_dense().detach(), rtol=1e-9,
                                    atol=1e-9)
 

@@ -1,7 +1,8 @@
 """Structured drop-in replacements for ``nn.Linear`` (Wei et al. 2024, "Building on Efficient
 Foundations"): :class:`LowRankLinear`, :class:`BlockDenseLinear` and
 :class:`BlockShuffleLinear`. None has a nonlinearity inside, so each is exactly a dense matrix of
-a restricted family: :meth:`StructuredLinear.to_dense` builds it, and :meth:`~StructuredLinear.merge`
+a restricted family: :meth:`StructuredLinear.to_dense` builds it, and
+:meth:`~StructuredLinear.merge`
 keeps it beside the factors for calls with few tokens (the paper's pre-merge).
 
 Every layer takes ``[..., in_features]`` inputs (any leading dims, any strides) and returns
@@ -155,7 +156,8 @@ class StructuredLinear(nn.Module):
         """The merged dense weight, rebuilt first if a factor changed since :meth:`merge`."""
         if self._merged is None:
             raise RuntimeError("merged_weight() needs merge() first")
-        if self._versions() != self._merged_versions or self._merged.device != self.factors()[0].device:
+        stale = self._versions() != self._merged_versions
+        if stale or self._merged.device != self.factors()[0].device:
             self.merge()
         return self._merged
 

@@ -7,5 +7,6 @@ from .block_shuffle import block_shuffle_backward_triton, block_shuffle_triton
 from .decode import block_dense_decode_triton, block_shuffle_decode_triton, dense_decode_triton
 from .swiglu_up import swiglu_up_triton
 
-__all__ = ["block_dense_decode_triton", "block_shuffle_backward_triton", "block_shuffle_decode_triton",
-           "block_shuffle_triton", "dense_decode_triton", "swiglu_up_triton"]
+__all__ = ["block_dense_decode_triton", "block_shuffle_backward_triton",
+           "block_shuffle_decode_triton", "block_shuffle_triton", "dense_decode_triton",
+           "swiglu_up_triton"]

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from fastdecode.triton_kernels.castle.parallel import sigmoid
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # kernels read only constexpr globals
 MIN_SPLIT_ROWS = 256
 """Split-KV gives every slice at least this many cache rows."""
 MAX_SPLITS = 32

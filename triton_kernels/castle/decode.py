@@ -125,6 +125,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def tiles(D: int) -> tuple[int, int]:
+    """``(BLOCK_N, num_warps)`` for head dim D: four [BLOCK_N, D] tiles live at once, so 32
+    cache rows past D = 64 (ahead-of-time sm_90 builds then spill nothing)."""
+    return (64, 4) if D <= 64 else (32, 8)
+
+
 def choose_splits(programs: int, rows: int, device: torch.device) -> int:
     """Cache slices per (batch row, head): 1 unless the ``programs`` fill less than one wave of
     the GPU; then enough for about two waves with at least ``MIN_SPLIT_ROWS`` of the ``rows``
@@ -149,7 +155,7 @@ def castle_decode_triton(u, qu_cache, qu_base: int, kc_cache, vc_cache, t0: int,
     if out.numel() == 0:
         return out
     block_d = triton.next_power_of_2(D)
-    block_n = 64 if block_d <= 64 else 32  # four [block_n, D] tiles live at once
+    block_n, num_warps = tiles(D)
     if num_splits is None:
         num_splits = choose_splits(B * H, t0 + 1, qc.device)
     split = num_splits > 1
@@ -167,7 +173,7 @@ def castle_decode_triton(u, qu_cache, qu_base: int, kc_cache, vc_cache, t0: int,
             u, qu_cache, kc_cache, vc_cache, qc, ku, vu, acc, m_part, l_part,
             B * H, D, t0, qu_base, window, scale, num_splits,
             strides[0], strides[1], strides[2], *qu_cache.stride()[:3], H,
-            BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, num_warps=4 if block_d <= 64 else 8,
+            BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, num_warps=num_warps,
         )
         if split:
             _merge_kernel[(B * H,)](acc, m_part, l_part, out, B * H, D, num_splits,

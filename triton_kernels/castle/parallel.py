@@ -255,25 +255,25 @@ def _dot_settings(x: torch.Tensor) -> tuple[bool, str]:
     return up, "ieee" if x.dtype == torch.float64 else "tf32x3"
 
 
+NUM_WARPS = 8
+"""Warps per program. Compiled ahead of time for sm_90 (triton 3.9), 4 warps spill hundreds to
+thousands of bytes per thread in every configuration below; 8 warps spill least."""
+
+
 def forward_block(D: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The forward's block of rows: 16 under the interpreter (many blocks on small tests);
-    on a GPU 64 for D <= 64, else 32 (16 for fp32 at D > 64, whose tf32x3 dots take three
-    times the registers)."""
-    if device.type != "cuda":
+    """The forward's block of rows: 16 under the interpreter (many blocks on small tests). On a
+    GPU, fp16/bf16: 64 for D <= 64 (16 bytes of spill per thread at 8 warps), 32 for D <= 128
+    (544 bytes; 16 rows spill none but double the launches), else 16; fp32 (tf32x3 dots take
+    three times the registers) and fp64: 16."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return 16
-    if D <= 64:
-        return 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    return 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return 64 if D <= 64 else 32 if D <= 128 else 16
 
 
-def backward_block(D: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The backward's block: it holds four [BLOCK, D] accumulators besides its tiles, so half
-    the forward's (at least 16)."""
-    return max(16, forward_block(D, dtype, device) // 2)
-
-
-def _warps(block: int, D: int) -> int:
-    return 8 if block * D >= 64 * 128 else 4
+BACKWARD_BLOCK = 16
+"""The backward's block of rows: it holds four [BLOCK, D] accumulators besides its tiles; at 8
+warps and D <= 64 it spills none, at D = 128 about 600 bytes per thread, and 32 rows spill more
+than twice that."""
 
 
 def castle_forward_triton(qc, kc, vc, qu, ku, vu, window: int, scale: float,
@@ -301,7 +301,7 @@ def castle_forward_triton(qc, kc, vc, qu, ku, vu, window: int, scale: float,
                 qc, kc, vc, qu, ku, vu, out, lse, ul, acc, m_state, l_state,
                 L, D, k, window, scale,
                 BLOCK=block, BLOCK_D=triton.next_power_of_2(D), DOT_UP=up, PREC=prec,
-                num_warps=_warps(block, D), num_stages=1,
+                num_warps=NUM_WARPS, num_stages=1,
             )
     return out, lse, ul
 
@@ -314,7 +314,7 @@ def castle_backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window: i
     qc, kc, vc, qu, ku, vu, dout = (x.contiguous() for x in (qc, kc, vc, qu, ku, vu, dout))
     B, H, L, D = qc.shape
     sd = ul.dtype
-    block = block or backward_block(D, qc.dtype, qc.device)
+    block = block or BACKWARD_BLOCK
     delta = (dout.to(sd) * out.to(sd)).sum(-1)  # [B, H, L]
     grads = [torch.zeros(B, H, L, D, dtype=sd, device=qc.device) for _ in range(6)]
     if qc.numel():
@@ -325,6 +325,6 @@ def castle_backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window: i
                 qc, kc, vc, qu, ku, vu, dout, lse.contiguous(), delta, ul.contiguous(), *grads,
                 L, D, N, window, scale,
                 BLOCK=block, BLOCK_D=triton.next_power_of_2(D), DOT_UP=up, PREC=prec,
-                num_warps=_warps(block, D), num_stages=1,
+                num_warps=NUM_WARPS, num_stages=1,
             )
     return tuple(g.to(qc.dtype) for g in grads)

@@ -197,6 +197,16 @@ class StructuredLinear(nn.Module):
     def _skip_init(self) -> bool:
         return any(f.is_meta for f in self.factors())
 
+    def _draw_blocks(self, *weights: nn.Parameter) -> None:
+        """Draws each weight (a stack of blocks or a matrix) from N(0, INIT_STD²), made
+        orthogonal per block (``init="ortho"``) or kept as drawn (``"normal"``)."""
+        if self._skip_init():
+            return
+        with torch.no_grad():
+            for w in weights:
+                g = torch.empty(w.shape, device=w.device).normal_(0.0, INIT_STD)
+                w.copy_(g if self.init == "normal" else _polar(g))
+
 
 class LowRankLinear(StructuredLinear):
     """``y = U (V x) + bias`` with ``v [rank, in_features]`` and ``u [out_features, rank]``.
@@ -319,12 +329,7 @@ class BlockDenseLinear(StructuredLinear):
 
     def reset_parameters(self) -> None:
         """Draws the factors again with the layer's ``init``."""
-        if self._skip_init():
-            return
-        with torch.no_grad():
-            for w in (self.v, self.u):
-                g = torch.empty(w.shape, device=w.device).normal_(0.0, INIT_STD)
-                w.copy_(g if self.init == "normal" else _polar(g))
+        self._draw_blocks(self.v, self.u)
 
     @classmethod
     def from_dense(cls, dense: nn.Linear | torch.Tensor, rank: int, blocks: int,
@@ -414,12 +419,7 @@ class BlockShuffleLinear(StructuredLinear):
 
     def reset_parameters(self) -> None:
         """Draws the blocks again with the layer's ``init``."""
-        if self._skip_init():
-            return
-        with torch.no_grad():
-            for w in (self.w1, self.w2):
-                g = torch.empty(w.shape, device=w.device).normal_(0.0, INIT_STD)
-                w.copy_(g if self.init == "normal" else _polar(g))
+        self._draw_blocks(self.w1, self.w2)
 
     @classmethod
     def from_dense(cls, dense: nn.Linear | torch.Tensor, blocks: int,

@@ -3,8 +3,9 @@ against causal ``torch.nn.functional.scaled_dot_product_attention`` (the flash b
 
 Layer rows (the attention core only, inputs ``[B, H, L, D]`` given): forward and forward +
 backward of CASTLE at equal heads (16) and at the paper's parameter parity (9 CASTLE heads
-against 16 standard heads, D=128), SDPA causal with 16 heads, the plain-torch reference at the
-lengths it can afford, and the PyPI package ``lookahead-keys-attention`` when it is installed
+against 16 standard heads, D=128), SDPA causal with 16 heads, the blocked plain-torch
+implementation (the ``torch`` backend; "castle torch (blocked)" on CUDA) up to
+``reference_max_L``, and the PyPI package ``lookahead-keys-attention`` when it is installed
 (its whole layer against ``fastdecode.nn.CastleAttention``'s, at L <= 2048). Each row reports
 the median time, TFLOP/s by the design brief's FLOP count (CASTLE forward ``L^2 (5D + 64)``
 and backward ``L^2 (16D + 192)`` per batch row and head; causal SDPA ``2 L^2 D`` and
@@ -183,7 +184,7 @@ def layer_rows(s: Setup, device: torch.device, plan: Plan, budget: Budget) -> li
              (f"castle {backend}", "castle", s.heads_std, backend),
              ("sdpa causal", "sdpa", s.heads_std, None)]
     if backend != "torch":
-        impls += [("castle torch reference", "castle", s.heads_parity, "torch")]
+        impls += [("castle torch (blocked)", "castle", s.heads_parity, "torch")]
     rows = []
     for L in s.lengths:
         if budget.spent(f"layer L={L}"):
@@ -254,9 +255,7 @@ def castle_step(B: int, H: int, t: int, D: int, dtype, device) -> Callable[[], t
     gen = torch.Generator(device=device).manual_seed(t)
     x = [torch.randn(B, H, t + 1, D, generator=gen, device=device, dtype=dtype) for _ in range(6)]
     cache = CastleCache()
-    chunk = t if device.type == "cuda" else 256  # the CPU's torch forward is cubic in L
-    for start in range(0, t, chunk):
-        castle_prefill(cache, *(v[:, :, start:min(t, start + chunk)] for v in x))
+    castle_prefill(cache, *(v[:, :, :t] for v in x))
     qc, kc, vc, qu, ku, vu = (v[:, :, t:].contiguous() for v in x)
     state = cache.layers[0]
     state.grow(t + 1)
@@ -333,7 +332,7 @@ def goals(report: dict) -> dict:
     s = report["setup"]
     layers, decode = report["layers"], report["decode"]
     out = {}
-    castle = [r for r in layers if r["impl"].startswith("castle ") and "reference" not in r["impl"]]
+    castle = [r for r in layers if r["impl"].startswith("castle ") and "(blocked)" not in r["impl"]]
     c = find(castle, heads=s["heads_parity"], L=4096, mode="fwd+bwd")
     f = find(layers, impl="sdpa causal", L=4096, mode="fwd+bwd")
     if c and f:

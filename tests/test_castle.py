@@ -1,8 +1,10 @@
-"""CASTLE attention: the torch reference against the naive per-step oracle and the numpy oracle of
-the design brief (castle_check.py), every backend against the reference (forward and gradients,
-fp32/bf16/fp16, full and sliding-window lookahead, B > 1, odd L, L = 1), fp64 gradcheck per
-backend, token-by-token decode and chunked prefill at random splits against the parallel form,
-checkpoint/crop rollback, causality, the reduction to causal SDPA, and bad arguments.
+"""CASTLE attention: the dense torch reference and the torch backend (blocked) against the naive
+per-step oracle and the numpy oracle of the design brief (castle_check.py), the blocked
+implementation against the dense reference at several block sizes, every backend against the
+dense reference (forward and gradients, fp32/bf16/fp16, full and sliding-window lookahead,
+B > 1, odd L, L = 1), fp64 gradcheck per backend, token-by-token decode and chunked prefill
+at random splits against the parallel form, checkpoint/crop rollback, causality, the reduction to
+causal SDPA, and bad arguments.
 
 Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors with small shapes; D = 64/128 and
 long sequences run only on a GPU (mark ``gpu``).
@@ -24,6 +26,7 @@ from conftest import DEVICES, HAS_CUDA
 
 import fastdecode
 from fastdecode import _backend
+from fastdecode.ops import castle as castle_module
 from fastdecode.ops import (
     CastleCache,
     castle_attention,
@@ -74,13 +77,71 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
 # ---- references -------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """The torch backend's blocked implementation with blocks of 8 rows (64 by default)."""
+    monkeypatch.setattr(castle_module, "BLOCK", 8)
+
+
 @pytest.mark.parametrize("window", [None, 0, 1, 3, 100])
 @pytest.mark.parametrize("L", [1, 2, 17, 37])
-def test_reference_matches_naive_recurrence(L, window):
+def test_reference_matches_naive_recurrence(L, window, small_blocks):
+    """The dense reference and the torch backend (blocked) against the naive oracle."""
     x = inputs(2, 3, L, 16, torch.float64, seed=L)
     want = castle_attention_naive(*x, window=window)
+    dense = castle_module.castle_attention_reference(*x, -1 if window is None else window,
+                                                     0.25)[0]
+    torch.testing.assert_close(dense, castle_attention_naive(*x, window=window, scale=0.25),
+                               atol=1e-12, rtol=1e-12)
     got = on("torch", castle_attention, *x, window=window)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def dense_reference(x: list[torch.Tensor], dout: torch.Tensor, window: int | None
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The output and the six gradients by the dense reference (the test oracle)."""
+    w, c = -1 if window is None else window, 1 / math.sqrt(x[0].shape[3])
+    out, lse, ul = castle_module.castle_attention_reference(*x, w, c)
+    return out, castle_module.castle_attention_backward_reference(dout, *x, out, lse, ul, w, c)
+
+
+BLOCKED = {"L1": (1, 64), "L37-b16": (37, 16), "L64-b16": (64, 16), "L70-b64": (70, 64),
+           "L23-b1": (23, 1)}
+
+
+@pytest.mark.parametrize("window", [None, 0, 5, 20])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(BLOCKED))
+def test_blocked_matches_dense_reference(case, dtype, window):
+    """The blocked torch implementation (forward: out, lse, U^L; backward: six gradients)
+    against the dense reference on the same inputs, B = 2, L around and below the block."""
+    L, block = BLOCKED[case]
+    x = inputs(2, 2, L, 16, dtype, seed=L)
+    dout = torch.randn(2, 2, L, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w, c = -1 if window is None else window, 0.25
+    want = castle_module.castle_attention_reference(*x, w, c)
+    got = castle_module.castle_attention_blocked(*x, w, c, block=block)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.is_contiguous()
+        assert_close(g, r, dtype)
+    grads = castle_module.castle_attention_backward_blocked(dout, *x, *got, w, c, block=block)
+    want_grads = castle_module.castle_attention_backward_reference(dout, *x, *want, w, c)
+    for g, r in zip(grads, want_grads):
+        assert g.dtype == dtype and g.is_contiguous()
+        assert_close(g, r, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_torch_backend_gradients_match_naive(window, small_blocks):
+    """The torch backend through autograd (blocks of 8, L = 29) against plain autograd through
+    the naive oracle, fp64."""
+    x = inputs(2, 2, 29, 16, torch.float64, seed=13, grad=True)
+    dout = torch.randn_like(x[0])
+    got = on("torch", castle_attention, *x, window=window)
+    want = castle_attention_naive(*x, window=window)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for g, r in zip(torch.autograd.grad(got, x, dout), torch.autograd.grad(want, x, dout)):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 
 def _castle_check():
@@ -129,16 +190,13 @@ SHAPES = {"B2-H3-L37-D16": (2, 3, 37, 16), "L1": (1, 2, 1, 16), "L16-D32": (1, 1
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_backends_match_reference(device, shape, dtype, window):
-    """Outputs and the gradients of all six inputs, against the torch reference on the same
-    (rounded) inputs."""
+def test_backends_match_reference(device, shape, dtype, window, small_blocks):
+    """Outputs and the gradients of all six inputs of every backend (torch: blocks of 8),
+    against the dense reference on the same (rounded) inputs."""
     x = inputs(*SHAPES[shape], dtype, device, seed=1, grad=True)
     dout = torch.randn_like(x[0])
-    want = on("torch", castle_attention, *x, window=window)
-    want_grads = torch.autograd.grad(want, x, dout)
+    want, want_grads = dense_reference([t.detach() for t in x], dout, window)
     for backend in backends_on(device):
-        if backend == "torch":
-            continue
         got = on(backend, castle_attention, *x, window=window)
         assert got.dtype == dtype and got.is_contiguous()
         assert_close(got, want, dtype)
@@ -149,11 +207,12 @@ def test_backends_match_reference(device, shape, dtype, window):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [None, 2])
-def test_gradcheck_fp64(device, window):
-    """torch.autograd.gradcheck in fp64 through each backend (full Jacobian on the reference;
-    fast mode, random projections, through the kernels)."""
+def test_gradcheck_fp64(device, window, monkeypatch):
+    """torch.autograd.gradcheck in fp64 through each backend (full Jacobian on the torch
+    backend, three blocks of 3 rows; fast mode, random projections, through the kernels)."""
+    monkeypatch.setattr(castle_module, "BLOCK", 3)
     for backend in backends_on(device):
-        x = inputs(1, 1, 6 if backend == "torch" else 19, 16, torch.float64, device, seed=2,
+        x = inputs(1, 1, 8 if backend == "torch" else 19, 16, torch.float64, device, seed=2,
                    grad=True)
         with fastdecode.use_backend(backend):
             assert torch.autograd.gradcheck(
@@ -387,8 +446,7 @@ def test_triton_matches_reference_gpu(name):
     B, H, L, D, dtype, window = GPU_CASES[name]
     x = inputs(B, H, L, D, dtype, "cuda", seed=12, grad=True)
     dout = torch.randn_like(x[0])
-    want = on("torch", castle_attention, *x, window=window)
-    want_grads = torch.autograd.grad(want, x, dout)
+    want, want_grads = dense_reference([t.detach() for t in x], dout, window)
     got = on("triton", castle_attention, *x, window=window)
     assert_close(got, want, dtype)
     for g, w in zip(torch.autograd.grad(got, x, dout), want_grads):

@@ -7,10 +7,14 @@ window W, keeps only ``r <= s + W``). Query t scores key s as
 
 This file holds:
   * :func:`castle_attention`, the parallel (training) form with autograd, dispatched to the
-    ``torch`` reference (Theorem 1 of the paper and its hand-derived backward, dense L x L
-    matrices in fp32; O(L^3) for the lookahead scores, fine for small models on a CPU) or the
-    ``triton`` kernels (``fastdecode.triton_kernels.castle.parallel``: blocked, O(L^2 D) time,
-    O(L D) extra memory);
+    ``torch`` backend (:func:`castle_attention_blocked` and its hand-written backward: plain
+    torch on any device, blocked over key and row blocks like the Triton kernels, with an
+    online softmax; O(L^2 D) time, O(L (D + block)) extra memory, no L x L matrix; the CPU
+    path) or the ``triton`` kernels (``fastdecode.triton_kernels.castle.parallel``: the same
+    math fused, O(L D) extra memory);
+  * :func:`castle_attention_reference` and :func:`castle_attention_backward_reference`, the
+    test oracle of both backends: Theorem 1 of the paper and its chain rule with dense L x L
+    matrices (O(L^3) for the lookahead scores); registered nowhere;
   * :func:`castle_attention_naive`, the literal definition that rebuilds every lookahead key for
     every step (O(L^3 d); a test oracle);
   * :class:`CastleCache` with :func:`castle_decode` (one token; the ``triton`` backend fuses the
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastdecode._backend import dispatch, register, run, select
+from fastdecode._backend import dispatch, register, run
 from fastdecode.ops import _validate
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,7 +60,7 @@ def _lookahead_allowed(s: torch.Tensor, r: torch.Tensor, window: int) -> torch.T
     return ok
 
 
-# ---- plain-torch reference of the parallel form (the ``torch`` backend) ---------------------
+# ---- dense plain-torch reference of the parallel form (the test oracle) ----------------------
 
 
 def _dense_forward(qc, kc, vc, qu, ku, vu, window: int, scale: float):
@@ -79,16 +83,16 @@ def _dense_forward(qc, kc, vc, qu, ku, vu, window: int, scale: float):
 
 
 def castle_attention_reference(qc, kc, vc, qu, ku, vu, window: int, scale: float):
-    """The ``torch`` backend of the forward: ``(out, lse, ul)``, out in the inputs' dtype,
-    ``lse`` and ``ul`` in the state dtype (see :func:`_dense_forward`)."""
+    """The dense reference forward (the test oracle): ``(out, lse, ul)``, out in the inputs'
+    dtype, ``lse`` and ``ul`` in the state dtype (see :func:`_dense_forward`)."""
     out, lse, ul = _dense_forward(qc, kc, vc, qu, ku, vu, window, scale)
     return out.to(qc.dtype), lse, ul
 
 
 def castle_attention_backward_reference(dout, qc, kc, vc, qu, ku, vu, out, lse, ul,
                                         window: int, scale: float):
-    """The ``torch`` backend of the backward: the gradients of the six inputs by the dense
-    formulas of Theorem 1's chain rule, in the state dtype (the probabilities are recomputed,
+    """The dense reference backward (the test oracle): the gradients of the six inputs by the
+    dense formulas of Theorem 1's chain rule, in the state dtype (the probabilities are recomputed,
     so ``out``, ``lse`` and ``ul`` go unused)."""
     sd = _state_dtype(qc.dtype)
     qc, kc, vc, qu, ku, vu, do = (x.to(sd) for x in (qc, kc, vc, qu, ku, vu, dout))
@@ -111,6 +115,160 @@ def castle_attention_backward_reference(dout, qc, kc, vc, qu, ku, vu, out, lse, 
     return tuple(x.to(dout.dtype) for x in grads)
 
 
+# ---- blocked O(L^2 D) plain-torch implementation (the ``torch`` backend) ----------------------
+
+BLOCK = 64
+"""Rows per block of the blocked torch implementation when the call names none (read at each
+call): each step works on ``[n, BLOCK, BLOCK]`` tiles, so the in-block ``A G^T`` product costs
+``L^2 BLOCK`` against the ``L^2 D`` of the rest. On one CPU core 128 was about as fast and 32
+slower (L = 1024, D = 64)."""
+
+
+def _blocks(x: torch.Tensor, sd: torch.dtype, N: int, block: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, H, N, block, D]`` in ``sd``, rows past L zero."""
+    B, H, L, D = x.shape
+    return F.pad(x.to(sd), (0, 0, 0, N * block - L)).view(B, H, N, block, D)
+
+
+class _Column:
+    """Key block j's lookahead terms against the row blocks ``i = j .. N-1`` (``n`` of them),
+    in the state dtype. Only the first ``nb`` row blocks write into block j's lookahead keys
+    (all of them without a window):
+
+    * ``g`` ``[B, H, nb, block, block]``: ``G[s in j, r in i]``, zero where not allowed;
+    * ``d`` ``[B, H, n, block, D]``: ``D_j`` as row block i sees it, ``sum_{m < i} G_jm V^U_m``
+      (an expanded view past ``nb``);
+    * ``ul`` ``[B, H, block, D]``: the final lookahead keys of block j;
+    * ``su`` ``[B, H, n, block, block]``: ``S^U[t in i, s in j] = c Q^C_i D_j^T + A_ii G_ji^T``;
+    * ``z`` ``[B, H, n, block, block]``: the logits ``c Q^C_i K^C_j^T - SiLU(S^U)``, ``-inf``
+      above the diagonal.
+
+    ``qc, kc, qu, ku, vu`` are the blocked inputs ``[B, H, N, block, D]`` and ``a`` the blocks
+    ``A_ii`` (:func:`_a_blocks`).
+    """
+
+    def __init__(self, j: int, qc: torch.Tensor, kc: torch.Tensor, qu: torch.Tensor,
+                 ku: torch.Tensor, vu: torch.Tensor, a: torch.Tensor, window: int,
+                 scale: float) -> None:
+        N, block = qc.shape[2], qc.shape[3]
+        n = N - j
+        nb = n if window == NO_WINDOW else min(n, (block - 1 + window) // block + 1)
+        pos = torch.arange(block, device=qc.device)
+        s = j * block + pos
+        r = torch.arange(j * block, (j + nb) * block, device=qc.device).view(nb, 1, block)
+        allowed = s[:, None] < r
+        if window != NO_WINDOW:
+            allowed &= r <= s[:, None] + window
+        near = slice(j, j + nb)
+        logits = scale * qu[:, :, j, None] @ ku[:, :, near].mT
+        self.nb = nb
+        self.g = torch.where(allowed, torch.sigmoid(logits), 0.0)
+        total = (self.g @ vu[:, :, near]).cumsum(2)
+        self.ul = total[:, :, -1]
+        before = torch.cat([torch.zeros_like(total[:, :, :1]), total[:, :, :-1]], 2)
+        self.d = torch.cat([before, self.ul[:, :, None].expand(-1, -1, n - nb, -1, -1)], 2)
+        rows = qc[:, :, j:]
+        self.su = scale * rows @ self.d.mT
+        self.su[:, :, :nb] += a[:, :, near] @ self.g.mT
+        self.z = scale * rows @ kc[:, :, j, None].mT - F.silu(self.su)
+        self.z[:, :, 0].masked_fill_(pos[:, None] < pos[None, :], float("-inf"))
+
+
+def _a_blocks(qc: torch.Tensor, vu: torch.Tensor, scale: float) -> torch.Tensor:
+    """``A_ii = c Q^C_i V^U_i^T`` on and below the diagonal, ``[B, H, N, block, block]``."""
+    pos = torch.arange(qc.shape[3], device=qc.device)
+    return torch.where(pos[:, None] >= pos[None, :], scale * qc @ vu.mT, 0.0)
+
+
+def castle_attention_blocked(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                             qu: torch.Tensor, ku: torch.Tensor, vu: torch.Tensor, window: int,
+                             scale: float, block: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend of the forward, blocked like the Triton kernels: ``(out, lse, ul)``
+    as :func:`castle_attention_reference` returns them (contiguous), in O(L^2 D) time.
+
+    Inputs ``[B, H, L, D]`` (any dtype of :data:`DTYPES`) are padded to ``N = ceil(L / block)``
+    blocks in the state dtype. Key block j at a time, it builds ``D_j`` for every row block
+    below as a prefix sum of ``G_ji V^U_i``, forms the score blocks (:class:`_Column`) and folds
+    them into the rows' online-softmax state. Extra memory: the padded inputs, the output
+    accumulator and one column's tiles, ``O(L (D + block))`` per batch row and head; no L x L
+    matrix."""
+    sd = _state_dtype(qc.dtype)
+    B, H, L, D = qc.shape
+    block = min(block or BLOCK, L)
+    N = -(-L // block)
+    qc_, kc_, vc_, qu_, ku_, vu_ = (_blocks(x, sd, N, block) for x in (qc, kc, vc, qu, ku, vu))
+    a = _a_blocks(qc_, vu_, scale)
+    acc = torch.zeros_like(qc_)
+    m = torch.full(qc_.shape[:-1], float("-inf"), dtype=sd, device=qc.device)
+    total = torch.zeros_like(m)
+    ul = torch.empty_like(qc_)
+    for j in range(N):
+        col = _Column(j, qc_, kc_, qu_, ku_, vu_, a, window, scale)
+        ul[:, :, j] = col.ul
+        m_new = torch.maximum(m[:, :, j:], col.z.amax(-1))  # finite: row t sees key t
+        alpha = torch.exp(m[:, :, j:] - m_new)
+        p = torch.exp(col.z - m_new[..., None])
+        total[:, :, j:] = total[:, :, j:] * alpha + p.sum(-1)
+        acc[:, :, j:] = acc[:, :, j:] * alpha[..., None] + p @ vc_[:, :, j, None]
+        m[:, :, j:] = m_new
+    out = (acc / total[..., None]).view(B, H, -1, D)[:, :, :L]
+    lse = (m + total.log()).view(B, H, -1)[:, :, :L]
+    return (out.to(qc.dtype).contiguous(), lse.contiguous(),
+            ul.view(B, H, -1, D)[:, :, :L].contiguous())
+
+
+def castle_attention_backward_blocked(dout: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor,
+                                      vc: torch.Tensor, qu: torch.Tensor, ku: torch.Tensor,
+                                      vu: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                      ul: torch.Tensor, window: int, scale: float,
+                                      block: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The ``torch`` backend of the backward, by hand like the Triton column sweep: key block j
+    at a time it recomputes the column's tiles (:class:`_Column`) and the probabilities from
+    ``lse``, and accumulates the gradients of the six inputs (returned contiguous in their
+    dtype) in the state dtype. ``dout``, ``out`` ``[B, H, L, D]``; ``lse`` ``[B, H, L]``;
+    ``ul`` goes unused (the column rebuilds D_j as a prefix sum, nothing is peeled off).
+    O(L^2 D) time, extra memory as the forward's."""
+    sd = _state_dtype(qc.dtype)
+    B, H, L, D = qc.shape
+    block = min(block or BLOCK, L)
+    N = -(-L // block)
+    qc_, kc_, vc_, qu_, ku_, vu_, do = (_blocks(x, sd, N, block)
+                                        for x in (qc, kc, vc, qu, ku, vu, dout))
+    pad = (0, N * block - L)
+    delta = F.pad((dout.to(sd) * out.to(sd)).sum(-1), pad).view(B, H, N, block)
+    lse_ = F.pad(lse.to(sd), pad).view(B, H, N, block)
+    a = _a_blocks(qc_, vu_, scale)
+    dqc, dkc, dvc, dqu, dku, dvu = (torch.zeros_like(qc_) for _ in range(6))
+    pos = torch.arange(block, device=qc.device)
+    tril = pos[:, None] >= pos[None, :]
+    for j in range(N):
+        col = _Column(j, qc_, kc_, qu_, ku_, vu_, a, window, scale)
+        nb, near = col.nb, slice(j, j + col.nb)
+        rows, do_rows = qc_[:, :, j:], do[:, :, j:]
+        p = torch.exp(col.z - lse_[:, :, j:, :, None])
+        dz = p * (do_rows @ vc_[:, :, j, None].mT - delta[:, :, j:, :, None])
+        dvc[:, :, j] = (p.mT @ do_rows).sum(2)
+        dkc[:, :, j] = scale * (dz.mT @ rows).sum(2)
+        sg = torch.sigmoid(col.su)
+        dsu = -dz * sg * (1 + col.su * (1 - sg))  # through -SiLU; zero where p is
+        dqc[:, :, j:] += dz @ kc_[:, :, j, None] + dsu @ col.d
+        # the gradient into G_jm V^U_m: every row block i > m reads it through D_j
+        dd = scale * dsu.mT @ rows
+        after = dd.flip(2).cumsum(2).flip(2)  # sum over i >= m
+        later = torch.cat([after[:, :, 1:], torch.zeros_like(after[:, :, :1])], 2)[:, :, :nb]
+        da = torch.where(tril, dsu[:, :, :nb] @ col.g, 0.0)
+        dqc[:, :, near] += da @ vu_[:, :, near]
+        dvu[:, :, near] += scale * da.mT @ rows[:, :, :nb] + col.g.mT @ later
+        dg = dsu[:, :, :nb].mT @ a[:, :, near] + later @ vu_[:, :, near].mT
+        dlogit = dg * col.g * (1 - col.g)  # zero where G is masked
+        dqu[:, :, j] += scale * (dlogit @ ku_[:, :, near]).sum(2)
+        dku[:, :, near] += scale * dlogit.mT @ qu_[:, :, j, None]
+    dqc *= scale
+    return tuple(x.view(B, H, -1, D)[:, :, :L].to(dout.dtype).contiguous()
+                 for x in (dqc, dkc, dvc, dqu, dku, dvu))
+
+
 def _forward_triton(qc, kc, vc, qu, ku, vu, window: int, scale: float):
     # Imported on first use: triton is optional, and importing it costs time.
     from fastdecode.triton_kernels.castle.parallel import castle_forward_triton
@@ -124,9 +282,9 @@ def _backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window: int, sc
     return castle_backward_triton(dout, qc, kc, vc, qu, ku, vu, out, lse, ul, window, scale)
 
 
-register("castle_attention", "torch")(castle_attention_reference)
+register("castle_attention", "torch")(castle_attention_blocked)
 register("castle_attention", "triton")(_forward_triton)
-register("castle_attention_backward", "torch")(castle_attention_backward_reference)
+register("castle_attention_backward", "torch")(castle_attention_backward_blocked)
 register("castle_attention_backward", "triton")(_backward_triton)
 
 
@@ -587,11 +745,10 @@ def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: t
     prefill, a chunk of it, or the C draft tokens of a speculative step (roll back with
     :meth:`CastleCache.checkpoint` / :meth:`CastleCache.crop`).
 
-    Into an empty layer, when :func:`castle_attention` runs on a kernel backend (not the dense
-    torch reference, cubic in C), that op runs and its final lookahead keys fill the cache.
-    Otherwise the chunked formula runs in steps of ``PREFILL_CHUNK`` tokens: new queries score
-    old keys with the cached U plus the in-chunk terms, then U gains the chunk's updates (with
-    a window W only its last W rows change).
+    Into an empty layer, :func:`castle_attention` runs (any backend, O(C^2 D)) and its final
+    lookahead keys fill the cache. Otherwise the chunked formula runs in steps of
+    ``PREFILL_CHUNK`` tokens: new queries score old keys with the cached U plus the in-chunk
+    terms, then U gains the chunk's updates (with a window W only its last W rows change).
 
     Args: as :func:`castle_decode`, with ``[B, H, C, D]`` tensors.
 
@@ -603,8 +760,7 @@ def castle_prefill(cache: CastleCache, qc: torch.Tensor, kc: torch.Tensor, vc: t
     if C == 0:
         raise ValueError(f"castle_prefill needs C >= 1 tokens, found qc shape {tuple(qc.shape)}")
     window = cache._w()
-    if (cache.length(layer) == 0 and C > 1
-            and select("castle_attention", qc.device)[0] != "torch"):
+    if cache.length(layer) == 0 and C > 1:
         out, _, ul = dispatch("castle_attention", _castle_attention_op, qc.device, qc, kc, vc,
                               qu, ku, vu, window, scale)
         state = cache._append(layer, qc, kc, vc, qu, ku, vu, scale)

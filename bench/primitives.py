@@ -213,8 +213,7 @@ def row(case: Case, backend: str, mode: str, timing: Timing | None, error: str |
     out = {"op": case.op, "shape": case.shape, "params": case.params, "backend": backend,
            "mode": mode}
     if timing is not None:
-        out.update(median_us=timing.median_us, min_us=timing.min_us, repeats=timing.repeats,
-                   iters=timing.iters)
+        out.update(asdict(timing))  # median_us, min_us, repeats, iters
     if error is not None:
         out["error"] = error
     return out

@@ -155,8 +155,7 @@ def row(shape: Shape, impl: str, mode: str, timing: Timing | None, err: float,
     if impl == "triton":
         out["splits"] = triton_splits(shape)
     if timing is not None:
-        out.update(median_us=timing.median_us, min_us=timing.min_us, repeats=timing.repeats,
-                   iters=timing.iters)
+        out.update(asdict(timing))  # median_us, min_us, repeats, iters
     if error is not None:
         out["error"] = error
     return out

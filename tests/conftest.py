@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 from hypothesis import settings
@@ -21,3 +24,20 @@ DEVICES = [
 
 # The backends under test per device, the plain-torch reference first.
 BACKENDS_ON = {"cpu": ("torch", "cpu"), "cuda": ("torch", "cuda")}
+
+
+@contextlib.contextmanager
+def flat_forward_costs(model: torch.nn.Module) -> Iterator[None]:
+    """``config="auto"`` sees forwards of any size cost the same for ``model`` (as on a
+    memory-bound GPU) instead of timing them: its choices no longer depend on this machine's
+    speed."""
+    from fastdecode.decoding import cost
+
+    flat = [(t, 1.0) for t in cost.PROBE_TOKENS]
+    saved = dict(cost._COST_CACHE)
+    try:
+        cost._COST_CACHE.update({(id(model), "cpu", str(model.dtype), b): flat for b in range(32)})
+        yield
+    finally:
+        cost._COST_CACHE.clear()
+        cost._COST_CACHE.update(saved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import flat_forward_costs
 from test_generate import hf_greedy, prompts, tiny
 
 import fastdecode
@@ -44,23 +45,14 @@ def test_auto_greedy_matches_transformers(kind, kwargs):
 def test_auto_drafts_where_it_pays():
     """With forwards of any size costing the same (as on a memory-bound GPU), a repeated
     workload's kept trie makes "auto" draft big trees and take few steps."""
-    from fastdecode.decoding import cost
-
     model = tiny("llama")
     ids, _ = prompts(1, 20, seed=5)
     cache = TrieCache(model.config.vocab_size)
     fastdecode.generate(model, ids, strategy="trie", max_new_tokens=40, eos_token_id=[],
                         trie_cache=cache)
-    flat = [(t, 1.0) for t in cost.PROBE_TOKENS]
-    saved = dict(cost._COST_CACHE)
-    try:
-        cost._COST_CACHE.clear()
-        cost._COST_CACHE.update({(id(model), "cpu", str(model.dtype), b): flat for b in range(16)})
+    with flat_forward_costs(model):
         out = fastdecode.generate(model, ids, strategy="trie", config="auto", max_new_tokens=40,
                                   eos_token_id=[], trie_cache=cache)
-    finally:
-        cost._COST_CACHE.clear()
-        cost._COST_CACHE.update(saved)
     assert torch.equal(out.sequences, hf_greedy(model, ids, torch.ones_like(ids), 40, eos=None))
     assert out.stats.steps <= 12
     assert max(int(c.split("=")[1]) for c in out.stats.drafter["auto"]["choices"]) > 1

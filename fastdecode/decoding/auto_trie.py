@@ -157,6 +157,7 @@ class AutoTrie(TrieDrafter):
 
     def stats(self) -> dict:
         out = super().stats()
+        out["decoding_length"] = self.budgets[-1] if self.budgets else 1  # the bound
         out["auto"] = {"choices": {f"nodes={n}": c for n, c in sorted(self.choices.items())},
                        "cost_s": {t: round(c, 6) for t, c in self.costs}}
         return out

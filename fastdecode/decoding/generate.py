@@ -36,6 +36,13 @@ def _int(name: str, value: object, low: int) -> int:
     return value
 
 
+def _settings(given: dict[str, int | None], defaults: tuple[int, ...],
+              lows: tuple[int, ...]) -> list[int]:
+    """The given settings, each checked to be an int >= its low bound, defaults for None."""
+    return [_int(name, default if value is None else value, low)
+            for (name, value), default, low in zip(given.items(), defaults, lows)]
+
+
 def _left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks the prompts and their mask; right-padded rows are moved to the left padding
@@ -127,14 +134,12 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
         raise ValueError(f"config must be None or 'auto', found {config!r}")
     if config == "auto" and strategy not in ("jacobi", "trie"):
         raise ValueError(f"config='auto' applies to strategy 'jacobi' or 'trie', found {strategy!r}")
-    trie_defaults = TRIE_AUTO_BOUNDS if config == "auto" else TRIE_DEFAULTS
-    decoding_length, branch_length = (
-        _int(name, default if value is None else value, low) for name, value, default, low
-        in zip(("decoding_length", "branch_length"), (decoding_length, branch_length),
-               trie_defaults, (1, 0)))
-    defaults = AUTO_BOUNDS if config == "auto" else FIXED_DEFAULTS
-    W, N, G = (_int(name, default if value is None else value, low) for name, value, default, low
-               in zip(("window", "ngram", "guesses"), (window, ngram, guesses), defaults, (1, 2, 0)))
+    auto = config == "auto"
+    decoding_length, branch_length = _settings(
+        dict(decoding_length=decoding_length, branch_length=branch_length),
+        TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
+    W, N, G = _settings(dict(window=window, ngram=ngram, guesses=guesses),
+                        AUTO_BOUNDS if auto else FIXED_DEFAULTS, (1, 2, 0))
     sampling = SamplingConfig(do_sample=do_sample or strategy == "sample", temperature=temperature,
                               top_k=top_k, top_p=top_p)
     runner = TreeRunner(model)

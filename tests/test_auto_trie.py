@@ -7,7 +7,7 @@ import torch
 from test_generate import hf_greedy, prompts, tiny
 
 import fastdecode
-from fastdecode.decoding.auto_trie import Lookup
+from fastdecode.decoding.auto_trie import FIRST_BUDGET, AutoTrie, Lookup, single_continuation
 
 # Root 5 with two branches: 1 -> 2 -> 6 and 3 -> 4; as the smaller budget, the first branch only.
 TREES = {6: ([5, 1, 2, 6, 3, 4], [-1, 0, 1, 2, 0, 4]), 4: ([5, 1, 2, 6], [-1, 0, 1, 2])}
@@ -15,7 +15,7 @@ TREES = {6: ([5, 1, 2, 6, 3, 4], [-1, 0, 1, 2, 0, 4]), 4: ([5, 1, 2, 6], [-1, 0,
 
 def walk(real: list[int], depth: int = 3, feed: int | None = None) -> Lookup:
     """A lookup made at the root (row index 0), advanced over ``real`` in pieces of ``feed``."""
-    look = Lookup(0, 0, TREES, depth, run=0)
+    look = Lookup(0, 0, TREES, depth, drafting=False)
     row = [5]
     for i in range(0, len(real), feed or max(1, len(real))):
         row += real[i:i + (feed or len(real))]
@@ -31,7 +31,7 @@ def test_lookup_scores_each_budget():
 
 
 def test_lookup_waits_while_the_text_follows_the_tree():
-    look = Lookup(0, 0, TREES, 3, run=1)
+    look = Lookup(0, 0, TREES, 3, drafting=True)
     assert not look.advance([5, 1])  # on the tree, depth left
     assert look.on_tree() and look.seen == 1
     assert not look.advance([5, 1, 2])
@@ -58,3 +58,26 @@ def test_eos_inside_the_prompt_does_not_cut_the_trie():
                                 eos_token_id=e) for e in ([], eos)]
     assert torch.equal(runs[0].sequences, plain) and torch.equal(runs[1].sequences, plain)
     assert runs[1].stats.steps == runs[0].stats.steps == 8
+
+
+def test_single_continuation():
+    assert single_continuation([-1, 0, 1, 2])
+    assert not single_continuation([-1, 0, 1, 0])
+    assert not single_continuation([-1])
+
+
+def test_auto_decodes_plainly_between_several_continuations():
+    """A miss where the trie offers several continuations is decoded plainly; a single
+    continuation, or a copy that is running, drafts (before any step is scored, with
+    FIRST_BUDGET nodes)."""
+    auto = AutoTrie(None, 50, 64, 4)
+    auto.rows, auto.rids, auto.following = [[1, 2, 3, 1, 2, 4, 1, 2]], [None], [False]
+    auto.costs = [(1, 1.0), (64, 1.0)]
+    auto.trie.insert(auto.rows[0], source="prompt")
+    auto.device = torch.device("cpu")
+    auto.propose(torch.tensor([2]))
+    assert auto.nodes == 1 and not auto.pending[-1].drafting  # [1, 2] -> 3 or 4
+    auto.following = [True]
+    auto.pending.clear()
+    auto.propose(torch.tensor([2]))
+    assert auto.nodes == FIRST_BUDGET and auto.pending[-1].drafting

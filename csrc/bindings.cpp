@@ -13,6 +13,7 @@
 
 #include "common/check.h"
 #include "kv/compact_kv_ops.h"
+#include "linear/small_linear.h"
 #include "ngram/pool_ops.h"
 #include "tree/tree_logic.h"
 #include "tree/tree_ops.h"
@@ -127,6 +128,26 @@ fastdecode::ngram::Pool ngram_pool(Ptr tokens, Ptr count, int64_t B, int64_t V, 
 
 void check_ngram_sizes(int64_t n, const char* name) {
   require(n >= 0, std::string(name) + " must be >= 0, found " + std::to_string(n));
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]): sizes, row strides and pointers, checked.
+void check_small_linear(Ptr x, int64_t ldx, Ptr w, int64_t ldw, Ptr bias, Ptr y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K) {
+  require(M >= 0 && N >= 0 && K >= 0, "M, N and K must be >= 0, found M=" + std::to_string(M) +
+                                          " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  constexpr int64_t kMax = int64_t{1} << 40;
+  require(M < kMax && N < kMax && K < kMax && ldx < kMax && ldw < kMax && ldy < kMax,
+          "a size or row stride is implausibly large");
+  require(M <= 1 || ldx >= K, "ldx must be >= K=" + std::to_string(K) + ", found " +
+                                  std::to_string(ldx));
+  require(N <= 1 || ldw >= K, "ldw must be >= K=" + std::to_string(K) + ", found " +
+                                  std::to_string(ldw));
+  require(M <= 1 || ldy >= N, "ldy must be >= N=" + std::to_string(N) + ", found " +
+                                  std::to_string(ldy));
+  require_ptr(x, M * K, "x");
+  require_ptr(w, N * K, "weight");
+  require_ptr(y, M * N, "y");
+  (void)bias;  // null means no bias
 }
 
 fastdecode::trie::Mode trie_mode(int mode) {
@@ -365,6 +386,29 @@ PYBIND11_MODULE(_C, m) {
                             as<int64_t>(out_count));
         },
         nogil);
+
+  namespace linear = fastdecode::linear;
+  m.def("small_linear_cpu",
+        [](Ptr x, int64_t ldx, Ptr w, int64_t ldw, Ptr bias, Ptr y, int64_t ldy, int64_t M,
+           int64_t N, int64_t K) {
+          check_small_linear(x, ldx, w, ldw, bias, y, ldy, M, N, K);
+          linear::small_linear_cpu(as<const float>(x), ldx, as<const float>(w), ldw,
+                                   as<const float>(bias), as<float>(y), ldy, M, N, K);
+        },
+        nogil);
+  m.def("small_linear_isa", [] { return std::string(linear::isa_name(linear::active_isa())); },
+        "The instruction-set path small_linear_cpu takes: avx512, avx2 or scalar");
+  m.def("small_linear_isas",
+        [] {
+          std::vector<std::string> names;
+          for (linear::Isa isa : {linear::Isa::avx512, linear::Isa::avx2, linear::Isa::scalar})
+            if (linear::isa_supported(isa)) names.emplace_back(linear::isa_name(isa));
+          return names;
+        },
+        "The paths this build and CPU support, fastest first");
+  m.def("set_small_linear_isa",
+        [](const std::string& name) { linear::set_isa(linear::parse_isa(name, "the small-linear path")); },
+        "Forces a path for every later small_linear_cpu call of the process");
 
   bind_trie(m);
 

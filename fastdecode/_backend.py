@@ -132,14 +132,18 @@ def run(op: str, device: torch.device, *args: object) -> object:
 
 
 def _plain(args: tuple) -> bool:
-    """Whether every tensor in ``args`` (lists included) is a plain eager torch.Tensor."""
+    """Whether every tensor in ``args`` (lists included) is a plain eager torch.Tensor or an
+    ``nn.Parameter`` (a module's weight: no tensor-subclass behaviour of its own)."""
     for a in args:
         if isinstance(a, (list, tuple)):
             if not _plain(tuple(a)):
                 return False
-        elif isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+        elif isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TYPES:
             return False
     return True
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dispatch(op: str, custom_op: Callable, device: torch.device, *args: object) -> object:

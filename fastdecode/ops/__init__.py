@@ -10,6 +10,7 @@ from fastdecode.ops.castle import (
     castle_prefill,
 )
 from fastdecode.ops.kv import compact_kv
+from fastdecode.ops.linear import small_linear
 from fastdecode.ops.structured import (
     block_dense_decode,
     block_shuffle,
@@ -42,6 +43,7 @@ __all__ = [
     "dense_decode",
     "lowrank_decode",
     "pack_tree_mask",
+    "small_linear",
     "swiglu_up",
     "tree_attention",
     "tree_mask",

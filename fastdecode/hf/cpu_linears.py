@@ -79,9 +79,11 @@ def use_cpu_linears(model: torch.nn.Module, max_rows: int = 64) -> CpuLinears:
     and weight, when autograd is off for them (grad mode disabled, or no input requiring
     grad); other calls run the stock ``F.linear``.
 
-    On the reference CPU (one Zen 4 core, SmolLM2-135M shapes) the kernel is 1.5-2.5x faster
-    than ``F.linear`` for 1 to 16 rows; past a few dozen rows BLAS catches up, hence
-    ``max_rows``. Off x86 the kernel's portable path is slower; measure before using it there.
+    On the reference CPU (one Zen 4 core, SmolLM2-135M shapes, weights streamed from memory;
+    bench/results/cpu-amd-epyc/cpu_linear.md) the kernel took 0.15x to 0.9x the time of
+    ``F.linear`` for 1 to 16 rows, and an 8-token tree forward of SmolLM2-135M 0.53x; the gap
+    narrows as rows grow (BLAS catches up past a few dozen), hence ``max_rows``. Off x86 only
+    the portable path exists: measure before using it there.
 
     Only modules that use ``nn.Linear.forward`` unchanged are patched: subclasses that override
     ``forward``, and modules that already carry an instance-level ``forward`` (e.g. a hook

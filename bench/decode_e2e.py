@@ -3,6 +3,7 @@ prompt set (``fastdecode.models.prompts``: code, chat, retrieval, rewrite), per 
 
   greedy     ``fastdecode.generate(strategy="greedy")``: the baseline of every ratio
   hf_greedy  transformers' ``model.generate`` greedy, for reference
+  hf_stock   hf_greedy with torch's own linears (only with ``--linears fastdecode``, on the CPU)
   hf_lookup  transformers' prompt lookup decoding (``prompt_lookup_num_tokens=10``)
   jacobi     ``fastdecode.generate(strategy="jacobi")`` at N=5, W=G=7
   auto       ``strategy="jacobi", config="auto"`` with its default bounds
@@ -10,6 +11,12 @@ prompt set (``fastdecode.models.prompts``: code, chat, retrieval, rewrite), per 
   trie_auto  ``strategy="trie", config="auto"`` with its default bounds (64 nodes, depth 12)
   trie_warm  trie_auto with one TrieCache kept per prompt across rounds (a repeated workload)
   fd_lookup  ``strategy="prompt_lookup"`` (the trie's best chain of 10 tokens)
+
+With ``--linears fastdecode`` (the default) on the CPU, every row but hf_stock runs the model's
+``nn.Linear`` layers through fastdecode's CPU kernel (:func:`fastdecode.hf.use_cpu_linears`),
+transformers' rows included, so that every ratio compares strategies on the same kernels;
+hf_stock shows what the kernel itself changes. ``--linears torch`` runs everything on torch's.
+On CUDA the option changes nothing (the kernel is CPU-only).
 
 Reported per category: tokens/s (all tokens over all seconds, each prompt's fastest of the
 rounds, wall clock around the whole call), the step compression (greedy's model forwards over
@@ -22,6 +29,7 @@ Llama-7B shape in bf16 after a 512-token prefill, with the share of a decoding c
 spent outside the model's forwards (``stats.overhead_s``) at that shape.
 
 Usage: python bench/decode_e2e.py [--device cpu|cuda] [--out DIR] [--quick] [--threads N]
+                                 [--rounds R] [--linears fastdecode|torch]
 Writes decode_e2e.json, decode_e2e.md, decode_e2e.png and decode_e2e_curve.png (the plots need
 matplotlib and are skipped with a note without it) into DIR (default
 bench/results/<device slug>/), and also into $OUT when that is set and --out is not given.
@@ -30,6 +38,7 @@ bench/results/<device slug>/), and also into $OUT when that is set and --out is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -48,9 +57,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 W, N, G = 7, 5, 7
 LOOKUP_TOKENS = 10
 TRIE_NODES, TRIE_DEPTH = 16, 8
-STRATEGIES = ("greedy", "hf_greedy", "hf_lookup", "jacobi", "auto", "trie", "trie_auto",
+STRATEGIES = ("greedy", "hf_greedy", "hf_stock", "hf_lookup", "jacobi", "auto", "trie", "trie_auto",
               "trie_warm", "fd_lookup")
 LABELS = {"greedy": "fastdecode greedy", "hf_greedy": "HF greedy",
+          "hf_stock": "HF greedy, torch linears",
           "hf_lookup": f"HF prompt lookup ({LOOKUP_TOKENS})", "jacobi": f"jacobi N={N} W={W} G={G}",
           "auto": "jacobi auto", "trie": f"trie {TRIE_NODES} nodes, depth {TRIE_DEPTH}",
           "trie_auto": "trie auto", "trie_warm": "trie auto, cache kept (repeat)",
@@ -94,7 +104,30 @@ def sync(device: torch.device) -> None:
 _KEPT_TRIES: dict[tuple, object] = {}
 
 
-def run_strategy(model, ids: torch.Tensor, strategy: str, max_new_tokens: int) -> dict:
+class Linears:
+    """Which kernels the model's ``nn.Linear`` layers run: fastdecode's CPU kernel (``on``) or
+    torch's; :meth:`stock` runs a block on torch's either way."""
+
+    def __init__(self, model, on: bool) -> None:
+        from fastdecode.hf import use_cpu_linears
+
+        self.model, self.patch = model, use_cpu_linears
+        self.handle = use_cpu_linears(model) if on else None
+
+    @contextlib.contextmanager
+    def stock(self):
+        if self.handle is None:
+            yield
+            return
+        self.handle.restore()
+        try:
+            yield
+        finally:
+            self.handle = self.patch(self.model)
+
+
+def run_strategy(model, ids: torch.Tensor, strategy: str, max_new_tokens: int,
+                 linears: Linears) -> dict:
     """One decoding of ``ids`` ([1, L]) with ``strategy``: its output, wall seconds and, for
     fastdecode, its forwards, forward/overhead seconds and drafter counters. "trie_warm" keeps
     one TrieCache per prompt across rounds: the repeated-workload case (warm after round 1)."""
@@ -105,19 +138,20 @@ def run_strategy(model, ids: torch.Tensor, strategy: str, max_new_tokens: int) -
 
         key = tuple(ids[0].tolist())
         settings["trie_cache"] = _KEPT_TRIES.setdefault(key, TrieCache(model.config.vocab_size))
-    sync(device)
-    t0 = time.perf_counter()
-    if strategy.startswith("hf_"):
-        extra = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if strategy == "hf_lookup" else {}
-        sequences = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens,
-                                   pad_token_id=model.generation_config.pad_token_id, **extra)
-        stats = None
-    else:
-        out = fastdecode.generate(model, ids, max_new_tokens=max_new_tokens, **settings)
-        sequences, stats = out.sequences, out.stats
-    sync(device)
-    seconds = time.perf_counter() - t0
+    with linears.stock() if strategy == "hf_stock" else contextlib.nullcontext():
+        sync(device)
+        t0 = time.perf_counter()
+        if strategy.startswith("hf_"):
+            extra = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if strategy == "hf_lookup" else {}
+            sequences = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_new_tokens,
+                                       pad_token_id=model.generation_config.pad_token_id, **extra)
+            stats = None
+        else:
+            out = fastdecode.generate(model, ids, max_new_tokens=max_new_tokens, **settings)
+            sequences, stats = out.sequences, out.stats
+        sync(device)
+        seconds = time.perf_counter() - t0
     run = {"sequences": sequences.cpu(), "seconds": seconds,
            "new_tokens": sequences.shape[1] - ids.shape[1]}
     if stats is not None:
@@ -127,9 +161,10 @@ def run_strategy(model, ids: torch.Tensor, strategy: str, max_new_tokens: int) -
 
 
 def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets: dict,
-                  rounds: int) -> list[dict]:
-    """Every prompt with every strategy, ``rounds`` interleaved rounds; one row per (prompt,
-    strategy) with its fastest round and the check against greedy."""
+                  rounds: int, linears: Linears) -> list[dict]:
+    """Every prompt with every strategy (hf_stock only while fastdecode's linears are on),
+    ``rounds`` interleaved rounds; one row per (prompt, strategy) with its fastest round and
+    the check against greedy."""
     from fastdecode.models.prompts import chat_input_ids
 
     jobs = [(cat, i, chat_input_ids(tokenizer, p).to(device)) for cat, ps in prompts.items()
@@ -137,10 +172,11 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
     lengths = {(cat, i): ids.shape[1] for cat, i, ids in jobs}
     best: dict[tuple, dict] = {}
     seconds: dict[tuple, list[float]] = {}
+    strategies = [s for s in STRATEGIES if s != "hf_stock" or linears.handle is not None]
     for r in range(rounds):
         for cat, i, ids in jobs:
-            for strategy in STRATEGIES:
-                run = run_strategy(model, ids, strategy, budgets[cat])
+            for strategy in strategies:
+                run = run_strategy(model, ids, strategy, budgets[cat], linears)
                 key = (cat, i, strategy)
                 seconds.setdefault(key, []).append(run["seconds"])
                 if key not in best or run["seconds"] < best[key]["seconds"]:
@@ -148,7 +184,7 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
             g = best[(cat, i, "greedy")]
             print(f"round {r + 1}/{rounds} {cat} {i + 1}: " + "  ".join(
                 f"{s} {best[(cat, i, s)]['new_tokens'] / best[(cat, i, s)]['seconds']:.1f} tok/s"
-                for s in STRATEGIES) + f"  ({g['new_tokens']} tokens)", flush=True)
+                for s in strategies) + f"  ({g['new_tokens']} tokens)", flush=True)
     rows = []
     for (cat, i, strategy), run in best.items():
         greedy = best[(cat, i, "greedy")]
@@ -165,6 +201,12 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
     return rows
 
 
+def present_strategies(rows: list[dict]) -> list[str]:
+    """The strategies that have rows, in STRATEGIES order."""
+    have = {r["strategy"] for r in rows}
+    return [s for s in STRATEGIES if s in have]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per category (and "all") and strategy: tokens/s, step compression, speedup, identical."""
     cats = list(dict.fromkeys(r["category"] for r in rows))
@@ -173,7 +215,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if cat in ("all", r["category"])]
         base = [r for r in mine if r["strategy"] == "greedy"]
         base_tps = sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base)
-        for strategy in STRATEGIES:
+        for strategy in present_strategies(rows):
             sel = [r for r in mine if r["strategy"] == strategy]
             tokens = sum(r["new_tokens"] for r in sel)
             secs = sum(r["seconds"] for r in sel)
@@ -343,6 +385,11 @@ def markdown(report: dict) -> str:
              "context-length bucket). Speedup and step compression are against fastdecode "
              "greedy; identical counts the prompts whose output equals greedy's token for "
              "token.", ""]
+    if report.get("linears") == "fastdecode":
+        lines += ["Every row but \"HF greedy, torch linears\" runs the model's `nn.Linear` layers "
+                  "through fastdecode's CPU kernel (`fastdecode.hf.use_cpu_linears`), "
+                  "transformers' rows included, so that the ratios compare strategies on the "
+                  "same kernels; that row is transformers' greedy on torch's own linears.", ""]
     if report.get("real_model_skipped"):
         lines += [f"Default model part skipped: {report['real_model_skipped']}", ""]
     if report["summary"]:
@@ -422,9 +469,10 @@ def plot(report: dict, out: Path) -> list[Path]:
         cats = list(dict.fromkeys(s["category"] for s in report["summary"]))
         get = {(s["category"], s["strategy"]): s for s in report["summary"]}
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        width = 0.8 / len(STRATEGIES)
-        for k, strategy in enumerate(STRATEGIES):
-            xs = [i + (k - (len(STRATEGIES) - 1) / 2) * width for i in range(len(cats))]
+        strategies = present_strategies(report["summary"])
+        width = 0.8 / len(strategies)
+        for k, strategy in enumerate(strategies):
+            xs = [i + (k - (len(strategies) - 1) / 2) * width for i in range(len(cats))]
             axes[0].bar(xs, [get[(c, strategy)]["tokens_per_s"] for c in cats], width,
                         label=LABELS[strategy], color=f"C{k}")
             comp = [get[(c, strategy)]["step_compression"] for c in cats]
@@ -442,7 +490,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         fig.suptitle(f"SmolLM2-135M-Instruct on {report['device']} ({threads} torch "
                      f"thread{'s' if threads > 1 else ''}); transformers' rows have no step "
                      "counts", fontsize=10)
-        fig.tight_layout(rect=(0, 0.05 * -(-len(STRATEGIES) // columns), 1, 1))
+        fig.tight_layout(rect=(0, 0.05 * -(-len(strategies) // columns), 1, 1))
         paths.append(out / "decode_e2e.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
@@ -476,6 +524,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 2; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: robust timings on a shared machine)")
+    parser.add_argument("--linears", choices=("fastdecode", "torch"), default="fastdecode",
+                        help="the kernels of the model's nn.Linear layers on the CPU: "
+                        "fastdecode's (use_cpu_linears; default) or torch's")
     args = _report.parse(parser, argv)
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
@@ -502,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__, "fastdecode": fastdecode.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": rounds,
+        "linears": args.linears if device.type == "cpu" else "torch",
         "settings": {"window": W, "ngram": N, "guesses": G,
                      "prompt_lookup_num_tokens": LOOKUP_TOKENS},
         "max_new_tokens": budgets, "prompts": {c: len(ps) for c, ps in prompts.items()},
@@ -514,12 +566,19 @@ def main(argv: list[str] | None = None) -> None:
         report["real_model_skipped"] = f"load_default failed: {type(e).__name__}: {e}"
         print(f"skipping the default model: {report['real_model_skipped']}", flush=True)
     else:
-        report["rows"] = bench_prompts(model, tokenizer, device, prompts, budgets, rounds)
+        linears = Linears(model, args.linears == "fastdecode" and device.type == "cpu")
+        report["rows"] = bench_prompts(model, tokenizer, device, prompts, budgets, rounds,
+                                       linears)
         report["summary"] = summarize(report["rows"])
-        report["curves"].append(curve_entry(
-            "SmolLM2-135M-Instruct, fp32", model, device,
-            DEFAULT_CURVE_TOKENS[:6] if args.quick else DEFAULT_CURVE_TOKENS,
-            DEFAULT_CURVE_PREFIX, repeats))
+        tokens = DEFAULT_CURVE_TOKENS[:6] if args.quick else DEFAULT_CURVE_TOKENS
+        if linears.handle is not None:
+            report["curves"].append(curve_entry(
+                "SmolLM2-135M-Instruct, fp32, fastdecode CPU linears", model, device, tokens,
+                DEFAULT_CURVE_PREFIX, repeats))
+        with linears.stock():
+            report["curves"].append(curve_entry(
+                "SmolLM2-135M-Instruct, fp32", model, device, tokens, DEFAULT_CURVE_PREFIX,
+                repeats))
         del model
     overhead = None
     if device.type == "cuda":

@@ -11,6 +11,7 @@ from test_generate import hf_greedy, prompts, tiny
 
 import fastdecode
 from fastdecode.decoding import TrieCache
+from fastdecode.hf import use_cpu_linears
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -106,3 +107,20 @@ def test_token_out_of_vocabulary_is_rejected():
     with pytest.raises(ValueError, match="input_ids holds token ids outside"):
         fastdecode.generate(model, torch.full((1, 6), 48, dtype=torch.int64), strategy="trie",
                             max_new_tokens=5)
+
+
+@pytest.mark.parametrize("strategy,kwargs", [
+    ("trie", {}), ("trie", {"config": "auto"}), ("prompt_lookup", {}), ("jacobi", {}),
+])
+def test_greedy_exact_on_fastdecode_cpu_linears(strategy, kwargs):
+    """With the model's linears on fastdecode's CPU kernel (use_cpu_linears), every strategy
+    reproduces transformers' greedy decoding on those same kernels, batch and padding
+    included."""
+    model = tiny("llama")
+    ids, mask = prompts(3, 20, seed=5, pad_rows={1: 6, 2: 11})
+    with use_cpu_linears(model), flat_forward_costs(model):
+        want = hf_greedy(model, ids, mask, 40, eos=None)
+        out = fastdecode.generate(model, ids, attention_mask=mask, strategy=strategy,
+                                  max_new_tokens=40, eos_token_id=[], **kwargs)
+    assert torch.equal(out.sequences, want)
+    assert out.stats.steps < 40  # drafts were accepted

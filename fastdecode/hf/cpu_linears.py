@@ -84,6 +84,8 @@ def use_cpu_linears(model: torch.nn.Module, max_rows: int = 64) -> CpuLinears:
     ``F.linear`` for 1 to 16 rows, and an 8-token tree forward of SmolLM2-135M 0.53x; the gap
     narrows as rows grow (BLAS catches up past a few dozen), hence ``max_rows``. Off x86 only
     the portable path exists: measure before using it there.
+    The kernel runs on the calling thread only: with several torch threads, BLAS spreads a
+    call over cores and may win sooner.
 
     Only modules that use ``nn.Linear.forward`` unchanged are patched: subclasses that override
     ``forward``, and modules that already carry an instance-level ``forward`` (e.g. a hook

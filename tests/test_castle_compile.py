@@ -1,52 +1,18 @@
 """The CASTLE Triton kernels compile for a GPU (sm_90) ahead of time, without one: the
 interpreter that runs them on the CPU accepts code a GPU build rejects (a plain float global read
 inside a kernel, for one). Each case lowers one kernel through Triton's NVIDIA backend to a
-cubin with the block sizes and warps the launchers use. The bf16 set runs by default, the other
-dtypes and head dims are marked slow (a compile takes several seconds on one core). Under
-TRITON_INTERPRET=1 the kernels are interpreter objects, so each case runs in a child Python
-without it (this file's ``__main__``)."""
+cubin with the block sizes and warps the launchers use (tests/sm90.py). The bf16 set runs by
+default, the other dtypes and head dims are marked slow (a compile takes several seconds on one
+core)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from sm90 import TRITON_TYPE, compile_sm90, main, run_case, why_not
 
 triton = pytest.importorskip("triton")
-
-
-def _nvidia_backend() -> str | None:
-    """Why these checks do not run here, or None."""
-    if torch.cuda.is_available():
-        return "a GPU is here: the gpu tests build the kernels for real"
-    spec = importlib.util.find_spec("triton.backends.nvidia")
-    if spec is None:
-        return "triton has no NVIDIA backend"
-    ptxas = Path(spec.origin).parent / "bin" / "ptxas"
-    if not ptxas.is_file() and shutil.which("ptxas") is None:
-        return "no ptxas"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_nvidia_backend() is not None, reason=str(_nvidia_backend()))
-
-TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-               torch.float64: "fp64"}
-
-
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
-    from triton.backends.compiler import GPUTarget
-
-    sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": 1})
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
 
 
 def parallel_case(kind: str, dtype: torch.dtype, D: int) -> None:
@@ -102,17 +68,6 @@ HEAD_DIMS = [pytest.param(64, id="D64"), pytest.param(128, id="D128", marks=SLOW
              pytest.param(256, id="D256", marks=SLOW)]
 
 
-def run_case(kind: str, dtype: torch.dtype, D: int) -> None:
-    """Compiles one case here, or in a child Python when the interpreter is on."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        CASES[kind](dtype, D)
-        return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, kind, TRITON_TYPE[dtype], str(D)], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def decode_both(dtype: torch.dtype, D: int) -> None:
     decode_case(dtype, D, split=True)
     decode_case(dtype, D, split=False)
@@ -127,9 +82,8 @@ CASES = {"forward": lambda dtype, D: parallel_case("forward", dtype, D),
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", list(CASES))
 def test_kernels_compile_for_sm90(kind, dtype, D):
-    run_case(kind, dtype, D)
+    run_case(__file__, CASES, kind, dtype, D)
 
 
 if __name__ == "__main__":  # one case, for run_case: KIND DTYPE D
-    by_name = {v: k for k, v in TRITON_TYPE.items()}
-    CASES[sys.argv[1]](by_name[sys.argv[2]], int(sys.argv[3]))
+    main(CASES)

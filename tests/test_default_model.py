@@ -85,3 +85,24 @@ def test_padded_batch_on_default_model(default_model):
         out = fastdecode.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
                                   max_new_tokens=NEW_TOKENS, **kwargs)
         assert torch.equal(out.sequences, want), kwargs
+
+
+def test_fastdecode_attention_on_default_model(default_model):
+    """load_default(attn_implementation="fastdecode") registers the implementation, and its tree
+    steps (fastdecode's tree attention, here its torch backend) reproduce greedy on a padded
+    batch."""
+    from fastdecode.models import load_default
+
+    model, tokenizer = default_model
+    fast, _ = load_default(attn_implementation="fastdecode")
+    assert fast.config._attn_implementation == "fastdecode"
+    tokenizer.padding_side = "left"
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                              add_generation_prompt=True, tokenize=False)
+                for t in (PROMPTS[1], PROMPTS[8])]
+    batch = tokenizer(rendered, return_tensors="pt", padding=True)
+    want = model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS)
+    with fastdecode.use_backend("torch", ops=["tree_attention"]):
+        out = fastdecode.generate(fast, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  max_new_tokens=NEW_TOKENS, strategy="trie", config="auto")
+    assert torch.equal(out.sequences, want)

@@ -171,7 +171,8 @@ def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
     Args:
         dtype: the dtype of the returned weights (the cache is fp32).
         device: where the model's weights are placed.
-        attn_implementation: passed to transformers, e.g. ``"sdpa"`` or ``"eager"``.
+        attn_implementation: passed to transformers, e.g. ``"sdpa"``, ``"eager"`` or
+            ``"fastdecode"`` (tree steps on fastdecode's tree attention; registered here).
 
     Returns:
         ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode (30 layers, hidden size 576,
@@ -183,6 +184,8 @@ def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
             missing; the message gives the install command.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fastdecode.hf  # noqa: F401  (registers attn_implementation="fastdecode")
 
     folder = default_model_dir()
     if not _complete(folder):

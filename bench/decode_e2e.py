@@ -307,6 +307,25 @@ def curve_entry(name: str, model, device: torch.device, tokens: tuple[int, ...],
             "clock": "CUDA events" if device.type == "cuda" else "host clock", "rows": rows}
 
 
+def fastdecode_attention_curve(model, device: torch.device, tokens: tuple[int, ...],
+                               repeats: int, notes: list[str]) -> list[dict]:
+    """The Llama-7B-shape curve again with ``attn_implementation="fastdecode"`` (tree steps on
+    fastdecode's tree attention instead of SDPA and a 4-D mask), then the model back on SDPA.
+    A failure becomes a note, so the rest of the bench still runs."""
+    import fastdecode.hf  # noqa: F401  (registers "fastdecode")
+
+    model.set_attn_implementation("fastdecode")
+    try:
+        return [curve_entry("Llama-7B shape, random weights, bf16, fastdecode tree attention",
+                            model, device, tokens, CURVE_PREFIX, repeats)]
+    except Exception as e:  # reported in the results, not raised: the other rows matter too
+        notes.append(f"the fastdecode-attention curve failed: {type(e).__name__}: {e}")
+        print(notes[-1], flush=True)
+        return []
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def step_overhead(model, device: torch.device, prompt: int, new_tokens: int) -> list[dict]:
     """Per fastdecode strategy, one decoding of ``new_tokens`` tokens (no EOS) after a random
     ``prompt``-token prompt, after one warm-up: the seconds in the model's forwards, the rest,
@@ -587,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         tokens = tuple(t for t in CURVE_TOKENS if t <= 64) if args.quick else CURVE_TOKENS
         report["curves"].append(curve_entry("Llama-7B shape, random weights, bf16", llama,
                                             device, tokens, CURVE_PREFIX, repeats))
+        report["curves"] += fastdecode_attention_curve(llama, device, tokens, repeats,
+                                                       report["notes"])
         overhead = report["overhead"] = step_overhead(llama, device, OVERHEAD_PROMPT,
                                                       OVERHEAD_TOKENS)
     else:

@@ -225,3 +225,26 @@ def test_qwen2_greedy_matches_transformers():
     out = fastdecode.generate(model, ids, attention_mask=mask, max_new_tokens=30,
                               eos_token_id=[], window=4, ngram=4, guesses=4)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30, eos=None))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefill_projects_only_the_last_position(kind):
+    """TreeRunner.prefill asks the model for the last position's logits only (a vocabulary
+    projection per prompt token is the largest cost of a long prompt's prefill on a CPU), and
+    they equal the full forward's last row."""
+    from fastdecode.hf.model import TreeRunner
+
+    model = tiny(kind, seed=5)
+    ids, mask = prompts(2, 13, seed=5, pad_rows={0: 4})
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        last = TreeRunner(model).prefill(ids, mask)
+    finally:
+        hook.remove()
+    assert shapes == [(2, 1, VOCAB)]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(last, full)

@@ -72,6 +72,9 @@ class TreeRunner:
         self.model = model
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the prefill needs the last position's logits only: [B, L, V] would cost a vocabulary
+        # projection per prompt token
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.cache = None
         self.kv_start: torch.Tensor | None = None
         self.kv_len: torch.Tensor | None = None
@@ -91,7 +94,7 @@ class TreeRunner:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=positions, use_cache=True,
-                         **{self._cache_kw: self.cache})
+                         **{self._cache_kw: self.cache}, **self._last_logits)
         self.kv_start = (L - attention_mask.long().sum(-1)).to(input_ids.device)
         self.kv_len = torch.full((B,), L, dtype=torch.int64, device=input_ids.device)
         self.kv_len_host = [L] * B

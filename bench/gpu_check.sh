@@ -19,7 +19,8 @@
 # The default model (SmolLM2-135M-Instruct) cannot be installed there. FASTDECODE_MODEL_PARTS
 # names a folder holding what `bench/gpu_model_parts.sh` prepares here (its GGUF in parts that
 # fit one call's 64 MiB each, their checksum and the gguf wheel): the parts are joined,
-# checked and converted once, and the default-model tests and benchmarks then run on it.
+# checked and converted once (under FASTDECODE_MODEL_DIR, default /tmp/fastdecode-model), and
+# the default-model tests and benchmarks then run on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -63,7 +64,7 @@ step() {  # step NAME COMMAND...: runs one step under the time left, logs it, go
 }
 
 model_from_parts() {  # joins and checks the GGUF parts; exports what load_default then reads
-  local parts=$1 dest=/tmp/fastdecode-model
+  local parts=$1 dest=${FASTDECODE_MODEL_DIR:-/tmp/fastdecode-model}
   mkdir -p "$dest"
   if ! ls "$parts"/*.gguf.part-* >/dev/null 2>&1 || [ ! -f "$parts/SHA256SUMS" ]; then
     echo "FASTDECODE_MODEL_PARTS=$parts: no GGUF parts or SHA256SUMS there"

@@ -1,17 +1,59 @@
-"""What every benchmark script shares: its command line (``--device``, ``--out``, ``--quick``)
-and writing its results: ``<name>.json`` and ``<name>.md`` (plus any charts) into the results
-folder, copied into ``$OUT`` when that is set and ``--out`` is not given."""
+"""What every benchmark script shares: its command line (``--device``, ``--out``, ``--quick``),
+the names of the device it ran on, and writing its results: ``<name>.json`` and ``<name>.md``
+(plus any charts) into the results folder, copied into ``$OUT`` when that is set and ``--out``
+is not given."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where every benchmark writes its results by default, one folder per device slug."""
+
+
+def slug(text: str) -> str:
+    """Lowercase, runs of anything but letters and digits turned into single dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else platform's processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def device_slug(device: torch.device) -> str:
+    """Results folder name: the GPU name, or ``cpu-`` and the CPU model without marks, clock
+    and filler words (e.g. ``cpu-intel-xeon-platinum-8480``)."""
+    if device.type == "cuda":
+        return slug(device_name(device))
+    model = re.sub(r"\(R\)|\(TM\)|\bCPU\b|\bProcessor\b|@.*|\d+-Core", " ", cpu_name(),
+                   flags=re.IGNORECASE)
+    return "cpu-" + (slug(model) or "unknown")
+
+
+def fmt_us(us: float) -> str:
+    """Microseconds for a table: one decimal below 1000, else whole with thousands separators."""
+    return f"{us:.1f}" if us < 1000 else f"{us:,.0f}"
 
 
 def parser(doc: str, quick_help: str, device_help: str | None = None) -> argparse.ArgumentParser:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,12 +46,10 @@ from fastdecode import _backend
 from fastdecode.nn.castle import CastleAttention
 from fastdecode.ops import CastleCache, castle_attention, castle_prefill
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
-from primitives import device_name, device_slug, fmt_us  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug, fmt_us
+from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "castle"
 BRIEF_BLOCK = 64  # the block size in the brief's FLOP formulas
 PACKAGE = "lookahead_keys_attention"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,12 +35,10 @@ import fastdecode
 from fastdecode.ops import small_linear
 from fastdecode.ops.linear import small_linear_isa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, host_clock, measure  # noqa: E402
-from primitives import device_name, device_slug, fmt_us  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug, fmt_us
+from _timing import Plan, host_clock, measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "cpu_linear"
 # (name, N, K) of SmolLM2-135M's linears.
 SHAPES = (("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536),

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import datetime
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -49,9 +48,8 @@ import torch
 
 import fastdecode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from primitives import device_name, device_slug  # noqa: E402
+import _report
+from _report import device_name, device_slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 W, N, G = 7, 5, 7

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import re
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,15 +24,14 @@ import torch
 import fastdecode
 from fastdecode import BackendUnavailableError, ops, use_backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug, fmt_us
+from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure
 
 T = 128
 VOCAB = 32000
 GOAL = "≤10 µs per primitive at T=128 and ≥5× faster than plain torch ops on H100/H200"
 GOAL_US, GOAL_SPEEDUP = 10.0, 5.0
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -236,42 +231,7 @@ def add_speedups(rows: list[dict]) -> None:
             r["goal_met"] = r["median_us"] <= GOAL_US and r["speedup_vs_torch"] >= GOAL_SPEEDUP
 
 
-# ---- device names and output ----------------------------------------------------------------
-
-
-def slug(text: str) -> str:
-    """Lowercase, runs of anything but letters and digits turned into single dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else platform's processor name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-def device_slug(device: torch.device) -> str:
-    """Results folder name: the GPU name, or ``cpu-`` and the CPU model without marks, clock
-    and filler words (e.g. ``cpu-intel-xeon-platinum-8480``)."""
-    if device.type == "cuda":
-        return slug(device_name(device))
-    model = re.sub(r"\(R\)|\(TM\)|\bCPU\b|\bProcessor\b|@.*|\d+-Core", " ", cpu_name(),
-                   flags=re.IGNORECASE)
-    return "cpu-" + (slug(model) or "unknown")
-
-
-def fmt_us(us: float) -> str:
-    return f"{us:.1f}" if us < 1000 else f"{us:,.0f}"
+# ---- output ---------------------------------------------------------------------------------
 
 
 def fmt_x(x: float | None) -> str:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -54,12 +53,10 @@ import fastdecode
 from fastdecode import use_backend
 from fastdecode.nn.ffn import StructuredFFN
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
-from primitives import device_name, device_slug, fmt_us  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug, fmt_us
+from _timing import Plan, capture_graph, cuda_clock, host_clock, measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "structured_ffn"
 BUDGET_S = 60.0
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import sys
 import sysconfig
 import time
 import zlib
@@ -56,11 +55,9 @@ from fastdecode.nn.castle import CastleAttention, rotate
 from fastdecode.nn.ffn import StructuredFFN
 from fastdecode.nn.self_guided import guided_layers, self_guide, step_self_guided
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from primitives import device_name, device_slug  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "train_tiny"
 ATTENTION_KINDS = ("standard", "castle", "castle-swl")
 VOCAB = 256  # bytes

@@ -39,7 +39,6 @@ import argparse
 import datetime
 import importlib
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,12 +51,10 @@ from fastdecode import _backend, use_backend
 from fastdecode.ops import pack_tree_mask, tree_attention, tree_mask
 from fastdecode.ops.attention import visible_keys
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure  # noqa: E402
-from primitives import device_name, device_slug, fmt_us  # noqa: E402
+import _report
+from _report import RESULTS, device_name, device_slug, fmt_us
+from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "tree_attention"
 TOL = 2e-2  # fp16 and bf16 outputs, values of order 1
 GOAL_VS_SDPA = 2.0  # triton at least this many times faster than SDPA with the dense mask

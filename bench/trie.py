@@ -29,10 +29,8 @@ import datetime
 import itertools
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -41,10 +39,9 @@ import torch
 import fastdecode
 from fastdecode.decoding import TrieCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from _timing import Plan, measure  # noqa: E402
-from primitives import RESULTS, cpu_name, device_name, device_slug, fmt_us  # noqa: E402
+import _report
+from _report import RESULTS, cpu_name, device_name, device_slug, fmt_us
+from _timing import Plan, measure
 
 VOCAB = 32000
 STATES, SUCCESSORS, PROBS = 2000, 3, (0.6, 0.3, 0.1)

@@ -26,13 +26,12 @@ from conftest import DEVICES, HAS_CUDA
 
 import fastdecode
 from fastdecode import _backend
-from fastdecode.ops import castle as castle_module
-from fastdecode.ops import (
-    CastleCache,
-    castle_attention,
+from fastdecode.ops import CastleCache, castle_attention, castle_decode, castle_prefill
+from fastdecode.ops.castle import blocked, reference
+from fastdecode.ops.castle.reference import (
+    castle_attention_backward_reference,
     castle_attention_naive,
-    castle_decode,
-    castle_prefill,
+    castle_attention_reference,
 )
 
 GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]
@@ -80,7 +79,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
 @pytest.fixture
 def small_blocks(monkeypatch):
     """The torch backend's blocked implementation with blocks of 8 rows (64 by default)."""
-    monkeypatch.setattr(castle_module, "BLOCK", 8)
+    monkeypatch.setattr(blocked, "BLOCK", 8)
 
 
 @pytest.mark.parametrize("window", [None, 0, 1, 3, 100])
@@ -89,8 +88,7 @@ def test_reference_matches_naive_recurrence(L, window, small_blocks):
     """The dense reference and the torch backend (blocked) against the naive oracle."""
     x = inputs(2, 3, L, 16, torch.float64, seed=L)
     want = castle_attention_naive(*x, window=window)
-    dense = castle_module.castle_attention_reference(*x, -1 if window is None else window,
-                                                     0.25)[0]
+    dense = castle_attention_reference(*x, -1 if window is None else window, 0.25)[0]
     torch.testing.assert_close(dense, castle_attention_naive(*x, window=window, scale=0.25),
                                atol=1e-12, rtol=1e-12)
     got = on("torch", castle_attention, *x, window=window)
@@ -101,8 +99,8 @@ def dense_reference(x: list[torch.Tensor], dout: torch.Tensor, window: int | Non
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The output and the six gradients by the dense reference (the test oracle)."""
     w, c = -1 if window is None else window, 1 / math.sqrt(x[0].shape[3])
-    out, lse, ul = castle_module.castle_attention_reference(*x, w, c)
-    return out, castle_module.castle_attention_backward_reference(dout, *x, out, lse, ul, w, c)
+    out, lse, ul = castle_attention_reference(*x, w, c)
+    return out, castle_attention_backward_reference(dout, *x, out, lse, ul, w, c)
 
 
 BLOCKED = {"L1": (1, 64), "L37-b16": (37, 16), "L64-b16": (64, 16), "L70-b64": (70, 64),
@@ -119,13 +117,13 @@ def test_blocked_matches_dense_reference(case, dtype, window):
     x = inputs(2, 2, L, 16, dtype, seed=L)
     dout = torch.randn(2, 2, L, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
     w, c = -1 if window is None else window, 0.25
-    want = castle_module.castle_attention_reference(*x, w, c)
-    got = castle_module.castle_attention_blocked(*x, w, c, block=block)
+    want = castle_attention_reference(*x, w, c)
+    got = blocked.castle_attention_blocked(*x, w, c, block=block)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype and g.is_contiguous()
         assert_close(g, r, dtype)
-    grads = castle_module.castle_attention_backward_blocked(dout, *x, *got, w, c, block=block)
-    want_grads = castle_module.castle_attention_backward_reference(dout, *x, *want, w, c)
+    grads = blocked.castle_attention_backward_blocked(dout, *x, *got, w, c, block=block)
+    want_grads = castle_attention_backward_reference(dout, *x, *want, w, c)
     for g, r in zip(grads, want_grads):
         assert g.dtype == dtype and g.is_contiguous()
         assert_close(g, r, dtype)
@@ -210,7 +208,7 @@ def test_backends_match_reference(device, shape, dtype, window, small_blocks):
 def test_gradcheck_fp64(device, window, monkeypatch):
     """torch.autograd.gradcheck in fp64 through each backend (full Jacobian on the torch
     backend, three blocks of 3 rows; fast mode, random projections, through the kernels)."""
-    monkeypatch.setattr(castle_module, "BLOCK", 3)
+    monkeypatch.setattr(blocked, "BLOCK", 3)
     for backend in backends_on(device):
         x = inputs(1, 1, 8 if backend == "torch" else 19, 16, torch.float64, device, seed=2,
                    grad=True)
@@ -260,8 +258,7 @@ def test_decode_and_prefill_match_parallel(device, window, dtype):
     B, H, L, D = 2, 2, 41, 16
     x = inputs(B, H, L, D, dtype, device, seed=3)
     want = on("torch", castle_attention, *x, window=window, scale=0.25)
-    _, _, ul = fastdecode.ops.castle.castle_attention_reference(
-        *x, -1 if window is None else window, 0.25)
+    _, _, ul = castle_attention_reference(*x, -1 if window is None else window, 0.25)
     rng = random.Random(window)
     for backend in backends_on(device):
         with fastdecode.use_backend(backend):
@@ -382,6 +379,18 @@ def test_large_lookahead_values_stay_finite(device):
         grads = torch.autograd.grad(out.sum(), (qc, kc, vc, qu, ku, vu))
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ---- the namespace ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["castle_attention_naive", "castle_attention_reference"])
+def test_oracles_left_the_public_namespace(name):
+    """The oracles are no public ops: fastdecode.ops still hands them out, with a deprecation
+    warning that names their module."""
+    assert name not in fastdecode.ops.__all__
+    with pytest.warns(DeprecationWarning, match=r"fastdecode\.ops\.castle\.reference"):
+        assert getattr(fastdecode.ops, name) is getattr(reference, name)
 
 
 # ---- bad arguments --------------------------------------------------------------------------

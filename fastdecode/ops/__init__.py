@@ -1,14 +1,14 @@
 """Public ops. Each validates its inputs, then runs through a ``torch.library`` custom op that
-dispatches to the fastest available backend (see :mod:`fastdecode._backend`)."""
+dispatches to the fastest available backend (see :mod:`fastdecode._backend`).
+
+The test oracles of CASTLE live in :mod:`fastdecode.ops.castle.reference`; reading them from
+here still works but warns (:class:`DeprecationWarning`)."""
+
+import importlib
+import warnings
 
 from fastdecode.ops.attention import tree_attention
-from fastdecode.ops.castle import (
-    CastleCache,
-    castle_attention,
-    castle_attention_naive,
-    castle_decode,
-    castle_prefill,
-)
+from fastdecode.ops.castle import CastleCache, castle_attention, castle_decode, castle_prefill
 from fastdecode.ops.kv import compact_kv
 from fastdecode.ops.linear import small_linear
 from fastdecode.ops.structured import (
@@ -36,7 +36,6 @@ __all__ = [
     "block_shuffle",
     "block_shuffle_decode",
     "castle_attention",
-    "castle_attention_naive",
     "castle_decode",
     "castle_prefill",
     "compact_kv",
@@ -50,3 +49,17 @@ __all__ = [
     "tree_positions",
     "verify_tree",
 ]
+
+_MOVED = {
+    "castle_attention_naive": "fastdecode.ops.castle.reference",
+    "castle_attention_reference": "fastdecode.ops.castle.reference",
+}
+"""Names no longer exported here, and the module that defines them."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        warnings.warn(f"fastdecode.ops.{name} is a test oracle, not a public op; import it from "
+                      f"{_MOVED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'fastdecode.ops' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """CASTLE attention: the dense torch reference and the torch backend (blocked) against the naive
-per-step oracle and the numpy oracle of the design brief (castle_check.py), the blocked
-implementation against the dense reference at several block sizes, every backend against the
-dense reference (forward and gradients, fp32/bf16/fp16, full and sliding-window lookahead,
+per-step oracle, every backend (parallel form, its gradients and decode) against this file's own
+step-by-step reading of the definition, the blocked implementation against the dense reference
+at several block sizes, every backend against the dense reference (forward and gradients, fp32/bf16/fp16, full and sliding-window lookahead,
 B > 1, odd L, L = 1), fp64 gradcheck per backend, token-by-token decode and chunked prefill
 at random splits against the parallel form, checkpoint/crop rollback, causality, the reduction to
 causal SDPA, and bad arguments.
@@ -12,12 +12,8 @@ long sequences run only on a GPU (mark ``gpu``).
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +33,6 @@ from fastdecode.ops.castle.reference import (
 GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CHECK = Path(__file__).resolve().parents[1].parent / "shared" / "design" / "castle_check.py"
 
 
 def backends_on(device: str) -> list[str]:
@@ -142,40 +137,82 @@ def test_torch_backend_gradients_match_naive(window, small_blocks):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 
-def _castle_check():
-    """The brief's numpy oracle, imported from ../shared/design (its checks print on import)."""
-    if not CHECK.is_file():
-        pytest.skip(f"{CHECK} not found")
-    spec = importlib.util.spec_from_file_location("castle_check", CHECK)
-    module = importlib.util.module_from_spec(spec)
-    with contextlib.redirect_stdout(io.StringIO()):
-        spec.loader.exec_module(module)
-    return module
+def by_definition(x: list[torch.Tensor], window: int | None) -> torch.Tensor:
+    """CASTLE's outputs read off its definition, one query row t and one key s at a time, fp64,
+    c = 1 / sqrt(D): row t is the softmax over s <= t of ``c qc_t . kc_s - SiLU(c qc_t . u)``
+    against ``vc``, where ``u`` is the lookahead key of s with tokens 0..t present, the sum of
+    ``sigmoid(c qu_s . ku_r) vu_r`` over s < r <= t (and r <= s + window). Differentiable."""
+    qc, kc, vc, qu, ku, vu = (v.double() for v in x)
+    c = qc.shape[3] ** -0.5
+    rows = []
+    for t in range(qc.shape[2]):
+        q = qc[:, :, t]
+        scores = []
+        for s in range(t + 1):
+            writers = slice(s + 1, (t if window is None else min(t, s + window)) + 1)
+            weight = torch.sigmoid(c * (qu[:, :, s, None] * ku[:, :, writers]).sum(-1))
+            u = (weight[..., None] * vu[:, :, writers]).sum(2)
+            scores.append(c * (q * kc[:, :, s]).sum(-1) - F.silu(c * (q * u).sum(-1)))
+        p = torch.softmax(torch.stack(scores, -1), -1)
+        rows.append((p[..., None] * vc[:, :, :t + 1]).sum(2))
+    return torch.stack(rows, 2)
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_agrees_with_castle_check(window):
-    """Forward (Theorem 1, recurrent, decode) and the hand backward of castle_check.py, head by
-    head, in fp64, for every backend on the CPU."""
-    check = _castle_check()
-    B, H, L, D = 2, 2, 21, 16
-    x = inputs(B, H, L, D, torch.float64, seed=5)
-    dout = torch.randn(B, H, L, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+def by_recurrence(x: list[torch.Tensor], window: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same outputs token by token, as a decoder with a cache of lookahead keys computes
+    them (fp64, c = 1 / sqrt(D)): token t adds ``sigmoid(c qu_s . ku_t) vu_t`` to the key of
+    every earlier s it reaches (s >= t - window), its own key starts at zero, and query t
+    attends over keys 0..t. Returns the outputs and the final lookahead keys ``[B, H, L, D]``."""
+    qc, kc, vc, qu, ku, vu = (v.detach().double() for v in x)
+    c = qc.shape[3] ** -0.5
+    u = torch.zeros_like(qc)
+    rows = []
+    for t in range(qc.shape[2]):
+        reached = slice(0 if window is None else max(0, t - window), t)
+        weight = torch.sigmoid(c * (qu[:, :, reached] * ku[:, :, t, None]).sum(-1))
+        u[:, :, reached] += weight[..., None] * vu[:, :, t, None]
+        q = qc[:, :, t, None]
+        z = c * (q * kc[:, :, :t + 1]).sum(-1) - F.silu(c * (q * u[:, :, :t + 1]).sum(-1))
+        rows.append((torch.softmax(z, -1)[..., None] * vc[:, :, :t + 1]).sum(2))
+    return torch.stack(rows, 2), u
+
+
+DEFINITION_CASES = {"B2-H2-L21": (2, 2, 21, 16, None), "B2-H2-L21-W2": (2, 2, 21, 16, 2),
+                    "B2-H2-L21-W0": (2, 2, 21, 16, 0), "L1": (1, 1, 1, 16, None),
+                    "L1-W3": (1, 3, 1, 16, 3), "B3-L6-D32-W1": (3, 1, 6, 32, 1),
+                    "B3-L6-D32-W40": (3, 1, 6, 32, 40)}
+
+
+@pytest.mark.parametrize("case", list(DEFINITION_CASES))
+def test_matches_the_definition(case):
+    """Every backend on the CPU, fp64, against this file's own two readings of CASTLE (which
+    first agree with each other): castle_attention's outputs, its gradients against autograd
+    through :func:`by_definition`, and token-by-token castle_decode with its final lookahead
+    keys against :func:`by_recurrence`."""
+    *shape, window = DEFINITION_CASES[case]
+    x = inputs(*shape, torch.float64, seed=5)
+    dout = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    leaves = [v.clone().requires_grad_() for v in x]
+    want = by_definition(leaves, window)
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    recurrent, keys = by_recurrence(x, window)
+    torch.testing.assert_close(recurrent, want.detach(), atol=1e-13, rtol=0)
     for backend in backends_on("cpu"):
-        xs = [t.clone().requires_grad_() for t in x]
-        out = on(backend, castle_attention, *xs, window=window)
-        grads = torch.autograd.grad(out, xs, dout)
-        for b in range(B):
-            for h in range(H):
-                qc, kc, vc, qu, ku, vu = (t[b, h].numpy() for t in x)
-                args = (qu, ku, vu, qc, kc, vc)
-                for want in (check.parallel(*args, W=window), check.recurrent(*args, W=window),
-                             check.decode(*args, W=window)[0]):
-                    assert abs(out[b, h].detach().numpy() - want).max() < 1e-12, backend
-                dqu, dku, dvu, dqc, dkc, dvc = check.backward(list(args), dout[b, h].numpy(),
-                                                              W=window)
-                for got, want in zip(grads, (dqc, dkc, dvc, dqu, dku, dvu)):
-                    assert abs(got[b, h].numpy() - want).max() < 1e-10, backend
+        xs = [v.clone().requires_grad_() for v in x]
+        with fastdecode.use_backend(backend):
+            got = castle_attention(*xs, window=window)
+            grads = torch.autograd.grad(got, xs, dout)
+            cache = CastleCache(window=window)
+            steps = [castle_decode(cache, *(v[:, :, t:t + 1] for v in x))
+                     for t in range(shape[2])]
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=backend)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=0, msg=backend)
+        torch.testing.assert_close(torch.cat(steps, 2), recurrent, atol=1e-12, rtol=0,
+                                   msg=backend)
+        torch.testing.assert_close(cache.lookahead_keys(), keys, atol=1e-12, rtol=0,
+                                   msg=backend)
 
 
 # ---- every backend against the reference -------------------------------------------------------

@@ -1,7 +1,8 @@
 // The pybind11 module fastdecode._C. It never sees a torch tensor: Python passes data pointers
 // (as integers), sizes, strides and the CUDA stream, so the module works with any torch build.
-// Every entry point checks its arguments again (fastdecode.ops validates first) and releases
-// the GIL while it runs.
+// Each op is bound once, by def_op (common/def_op.h), as _C.<op>(device, stream, *args): it
+// checks its arguments again (fastdecode.ops validates first), runs the CPU or the CUDA launcher
+// and releases the GIL while it runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/def_op.h"
 #include "kv/compact_kv_ops.h"
 #include "linear/small_linear.h"
 #include "ngram/pool_ops.h"
@@ -20,6 +22,7 @@
 #include "trie/trie.h"
 
 namespace py = pybind11;
+using fastdecode::def_op;
 using fastdecode::require;
 using fastdecode::require_ptr;
 using Ptr = std::uintptr_t;
@@ -53,13 +56,32 @@ void check_nodes(Ptr in, Ptr out, int64_t B, int64_t T, const char* in_name, con
   require_ptr(out, B, out_name);
 }
 
-// The cache tensors as descriptors, checked. dims and strides hold 3 and 4 values per tensor:
-// (H, S, D) and the element strides of (B, H, S, D).
+void check_mask(Ptr parents, int64_t B, int64_t T, Ptr mask) {
+  check_nodes(parents, mask, B, T, "parents", "mask");
+}
+
+void check_positions(Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions) {
+  check_nodes(parents, positions, B, T, "parents", "positions");
+  require_ptr(prefix_len, B, "prefix_len");
+}
+
+void check_pack(Ptr mask, int64_t B, int64_t T, Ptr packed) {
+  check_nodes(mask, packed, B, T, "mask", "packed");
+}
+
+// compact_kv's arguments, checked: the cache tensors as descriptors and the index arrays.
 struct KVArgs {
   std::vector<fastdecode::kv::TensorDesc> descs;
   int unit;
+  int64_t B;
+  const int64_t* start;
+  const int64_t* src;
+  int64_t src_width;
+  const int64_t* count;
 };
 
+// dims and strides hold 3 and 4 values per tensor: (H, S, D) and the element strides of
+// (B, H, S, D).
 KVArgs kv_args(const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
                const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start,
                Ptr src, int64_t src_width, Ptr count) {
@@ -72,7 +94,8 @@ KVArgs kv_args(const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
   require_ptr(start, B, "start");
   require_ptr(count, B, "count");
   require_ptr(src, B * src_width, "src");
-  KVArgs args;
+  KVArgs args{{}, 0, B, as<const int64_t>(start), as<const int64_t>(src), src_width,
+              as<const int64_t>(count)};
   std::vector<int64_t> dim(n), stride_d(n);
   for (size_t i = 0; i < n; ++i) {
     const int64_t H = dims[3 * i], S = dims[3 * i + 1], D = dims[3 * i + 2];
@@ -96,12 +119,13 @@ KVArgs kv_args(const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
   return args;
 }
 
-// CPU memory can be read here, so the CPU entry point re-checks the index values too.
-void check_kv_values(const KVArgs& args, int64_t B, const int64_t* start, const int64_t* src,
-                     int64_t src_width, const int64_t* count) {
+// CPU memory can be read here, so the CPU launcher re-checks the index values too.
+void check_kv_values(const KVArgs& args) {
+  const int64_t *start = args.start, *src = args.src, *count = args.count;
+  const int64_t src_width = args.src_width;
   int64_t seq = INT64_MAX;
   for (const auto& d : args.descs) seq = std::min<int64_t>(seq, d.seq);
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < args.B; ++b) {
     require(count[b] >= 0 && count[b] <= src_width, "count out of [0, src_width]");
     require(start[b] >= 0, "start must be >= 0");
     for (int64_t i = 0; i < count[b]; ++i) {
@@ -113,9 +137,8 @@ void check_kv_values(const KVArgs& args, int64_t B, const int64_t* start, const 
   }
 }
 
-// The n-gram pool tokens [B, V, G, W] int32 and count [B, V] int32, checked.
-fastdecode::ngram::Pool ngram_pool(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G,
-                                   int64_t W) {
+// The n-gram pool tokens [B, V, G, W] int32 and count [B, V] int32.
+void check_pool(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W) {
   require(B >= 0, "B must be >= 0, found " + std::to_string(B));
   require(V >= 1 && V <= INT32_MAX,
           "V must be in [1, 2^31 - 1] (tokens are stored as int32), found " + std::to_string(V));
@@ -123,11 +146,48 @@ fastdecode::ngram::Pool ngram_pool(Ptr tokens, Ptr count, int64_t B, int64_t V, 
   require(W >= 1, "W = N - 1 must be >= 1, found " + std::to_string(W));
   require_ptr(tokens, B * V * G * W, "tokens");
   require_ptr(count, B * V, "count");
+}
+
+fastdecode::ngram::Pool pool_of(Ptr tokens, Ptr count, int64_t V, int64_t G, int64_t W) {
   return fastdecode::ngram::Pool{as<int32_t>(tokens), as<int32_t>(count), V, G, W};
 }
 
 void check_ngram_sizes(int64_t n, const char* name) {
   require(n >= 0, std::string(name) + " must be >= 0, found " + std::to_string(n));
+}
+
+void check_ngram_insert(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                        Ptr keys, Ptr values, Ptr valid, int64_t M) {
+  check_pool(tokens, count, B, V, G, W);
+  check_ngram_sizes(M, "M");
+  require_ptr(keys, B * M, "keys");
+  require_ptr(values, B * M, "values");
+  (void)valid;  // null means every insertion is valid
+}
+
+void check_ngram_harvest(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                         Ptr window, Ptr new_tokens, int64_t width) {
+  check_pool(tokens, count, B, V, G, W);
+  check_ngram_sizes(width, "width");
+  require_ptr(window, B * width, "window");
+  require_ptr(new_tokens, B * width, "new_tokens");
+}
+
+void check_ngram_insert_sequence(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G,
+                                 int64_t W, Ptr seq, int64_t L, Ptr start, Ptr end) {
+  check_pool(tokens, count, B, V, G, W);
+  check_ngram_sizes(L, "L");
+  require_ptr(seq, B * L, "tokens");
+  require_ptr(start, B, "start");
+  require_ptr(end, B, "end");
+}
+
+void check_ngram_lookup(Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                        Ptr keys, Ptr candidates, Ptr out_count) {
+  check_pool(tokens, count, B, V, G, W);
+  require_ptr(keys, B, "keys");
+  require_ptr(candidates, B * G, "candidates");
+  require_ptr(out_count, B, "out_count");
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]): sizes, row strides and pointers, checked.
@@ -286,7 +346,10 @@ PYBIND11_MODULE(_C, m) {
   namespace tree = fastdecode::tree;
   namespace kv = fastdecode::kv;
   namespace ngram = fastdecode::ngram;
-  m.doc() = "fastdecode native kernels (pointer-level API; use fastdecode.ops instead)";
+  m.doc() =
+      "fastdecode native kernels (pointer-level API; use fastdecode.ops instead). Every op is "
+      "called as op(device, stream, *args): device 'cpu' or 'cuda', stream the cudaStream_t "
+      "as an int (ignored on the CPU).";
   m.attr("max_tree_nodes") = tree::kMaxNodes;
   m.attr("max_tensors_per_launch") = kv::kMaxTensorsPerLaunch;
 #ifdef FASTDECODE_WITH_CUDA
@@ -296,108 +359,131 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_built") = false;
   m.attr("cuda_archs") = std::string();
 #endif
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
 
-  m.def("verify_tree_cpu",
-        [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
-           Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens) {
-          check_verify(draft, parents, predicted, B, T, max_depth, accept_len, best_node, path,
-                       tokens);
-          tree::verify_cpu(as<const int64_t>(draft), as<const int64_t>(parents),
-                           as<const int64_t>(predicted), B, T, max_depth, as<int64_t>(accept_len),
-                           as<int64_t>(best_node), as<int64_t>(path), as<int64_t>(tokens));
-        },
-        nogil);
-  m.def("tree_mask_cpu",
-        [](Ptr parents, int64_t B, int64_t T, Ptr mask) {
-          check_nodes(parents, mask, B, T, "parents", "mask");
-          tree::mask_cpu(as<const int64_t>(parents), B, T, as<uint8_t>(mask));
-        },
-        nogil);
-  m.def("tree_positions_cpu",
-        [](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions) {
-          check_nodes(parents, positions, B, T, "parents", "positions");
-          require_ptr(prefix_len, B, "prefix_len");
-          tree::positions_cpu(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
-                              as<int64_t>(positions));
-        },
-        nogil);
-  m.def("pack_tree_mask_cpu",
-        [](Ptr mask, int64_t B, int64_t T, Ptr packed) {
-          check_nodes(mask, packed, B, T, "mask", "packed");
-          tree::pack_cpu(as<const uint8_t>(mask), B, T, as<int32_t>(packed));
-        },
-        nogil);
-  m.def("compact_kv_cpu",
-        [](const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
-           const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start, Ptr src,
-           int64_t src_width, Ptr count) {
-          const KVArgs args =
-              kv_args(ptrs, dims, strides, elem_size, B, start, src, src_width, count);
-          check_kv_values(args, B, as<const int64_t>(start), as<const int64_t>(src), src_width,
-                          as<const int64_t>(count));
-          kv::compact_cpu(args.descs, args.unit, B, as<const int64_t>(start),
-                          as<const int64_t>(src), src_width, as<const int64_t>(count));
-        },
-        nogil);
+  def_op(m, "verify_tree",
+         "verify_tree(device, stream, draft, parents, predicted, B, T, max_depth, accept_len, "
+         "best_node, path, tokens)",
+         check_verify,
+         [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
+            Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens) {
+           tree::verify_cpu(as<const int64_t>(draft), as<const int64_t>(parents),
+                            as<const int64_t>(predicted), B, T, max_depth,
+                            as<int64_t>(accept_len), as<int64_t>(best_node), as<int64_t>(path),
+                            as<int64_t>(tokens));
+         },
+         FASTDECODE_CUDA([](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T,
+                            int64_t max_depth, Ptr accept_len, Ptr best_node, Ptr path,
+                            Ptr tokens, void* stream) {
+           tree::verify_cuda(as<const int64_t>(draft), as<const int64_t>(parents),
+                             as<const int64_t>(predicted), B, T, max_depth,
+                             as<int64_t>(accept_len), as<int64_t>(best_node), as<int64_t>(path),
+                             as<int64_t>(tokens), stream);
+         }));
+  def_op(m, "tree_mask", "tree_mask(device, stream, parents, B, T, mask)", check_mask,
+         [](Ptr parents, int64_t B, int64_t T, Ptr mask) {
+           tree::mask_cpu(as<const int64_t>(parents), B, T, as<uint8_t>(mask));
+         },
+         FASTDECODE_CUDA([](Ptr parents, int64_t B, int64_t T, Ptr mask, void* stream) {
+           tree::mask_cuda(as<const int64_t>(parents), B, T, as<uint8_t>(mask), stream);
+         }));
+  def_op(m, "tree_positions",
+         "tree_positions(device, stream, parents, prefix_len, B, T, positions)", check_positions,
+         [](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions) {
+           tree::positions_cpu(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
+                               as<int64_t>(positions));
+         },
+         FASTDECODE_CUDA([](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions,
+                            void* stream) {
+           tree::positions_cuda(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
+                                as<int64_t>(positions), stream);
+         }));
+  def_op(m, "pack_tree_mask", "pack_tree_mask(device, stream, mask, B, T, packed)", check_pack,
+         [](Ptr mask, int64_t B, int64_t T, Ptr packed) {
+           tree::pack_cpu(as<const uint8_t>(mask), B, T, as<int32_t>(packed));
+         },
+         FASTDECODE_CUDA([](Ptr mask, int64_t B, int64_t T, Ptr packed, void* stream) {
+           tree::pack_cuda(as<const uint8_t>(mask), B, T, as<int32_t>(packed), stream);
+         }));
 
-  m.def("ngram_insert_cpu",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
-           Ptr values, Ptr valid, int64_t M) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(M, "M");
-          require_ptr(keys, B * M, "keys");
-          require_ptr(values, B * M, "values");
-          ngram::insert_cpu(pool, B, M, as<const int64_t>(keys), as<const int64_t>(values),
-                            as<const uint8_t>(valid));
-        },
-        nogil);
-  m.def("ngram_harvest_cpu",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr window,
-           Ptr new_tokens, int64_t width) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(width, "width");
-          require_ptr(window, B * width, "window");
-          require_ptr(new_tokens, B * width, "new_tokens");
-          ngram::harvest_cpu(pool, B, width, as<const int64_t>(window),
-                             as<const int64_t>(new_tokens));
-        },
-        nogil);
-  m.def("ngram_insert_sequence_cpu",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr seq, int64_t L,
-           Ptr start, Ptr end) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(L, "L");
-          require_ptr(seq, B * L, "tokens");
-          require_ptr(start, B, "start");
-          require_ptr(end, B, "end");
-          ngram::insert_sequence_cpu(pool, B, L, as<const int64_t>(seq), as<const int64_t>(start),
-                                     as<const int64_t>(end));
-        },
-        nogil);
-  m.def("ngram_lookup_cpu",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
-           Ptr candidates, Ptr out_count) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          require_ptr(keys, B, "keys");
-          require_ptr(candidates, B * G, "candidates");
-          require_ptr(out_count, B, "out_count");
-          ngram::lookup_cpu(pool, B, as<const int64_t>(keys), as<int64_t>(candidates),
-                            as<int64_t>(out_count));
-        },
-        nogil);
+  def_op(m, "compact_kv",
+         "compact_kv(device, stream, ptrs, dims, strides, elem_size, B, start, src, src_width, "
+         "count)",
+         kv_args,
+         [](const KVArgs& a) {
+           check_kv_values(a);
+           kv::compact_cpu(a.descs, a.unit, a.B, a.start, a.src, a.src_width, a.count);
+         },
+         FASTDECODE_CUDA([](const KVArgs& a, void* stream) {
+           kv::compact_cuda(a.descs, a.unit, a.B, a.start, a.src, a.src_width, a.count, stream);
+         }));
+
+  def_op(m, "ngram_insert",
+         "ngram_insert(device, stream, tokens, count, B, V, G, W, keys, values, valid, M)",
+         check_ngram_insert,
+         [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+            Ptr values, Ptr valid, int64_t M) {
+           ngram::insert_cpu(pool_of(tokens, count, V, G, W), B, M, as<const int64_t>(keys),
+                             as<const int64_t>(values), as<const uint8_t>(valid));
+         },
+         FASTDECODE_CUDA([](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                            Ptr keys, Ptr values, Ptr valid, int64_t M, void* stream) {
+           ngram::insert_cuda(pool_of(tokens, count, V, G, W), B, M, as<const int64_t>(keys),
+                              as<const int64_t>(values), as<const uint8_t>(valid), stream);
+         }));
+  def_op(m, "ngram_harvest",
+         "ngram_harvest(device, stream, tokens, count, B, V, G, W, window, new_tokens, width)",
+         check_ngram_harvest,
+         [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr window,
+            Ptr new_tokens, int64_t width) {
+           ngram::harvest_cpu(pool_of(tokens, count, V, G, W), B, width,
+                              as<const int64_t>(window), as<const int64_t>(new_tokens));
+         },
+         FASTDECODE_CUDA([](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                            Ptr window, Ptr new_tokens, int64_t width, void* stream) {
+           ngram::harvest_cuda(pool_of(tokens, count, V, G, W), B, width,
+                               as<const int64_t>(window), as<const int64_t>(new_tokens), stream);
+         }));
+  def_op(m, "ngram_insert_sequence",
+         "ngram_insert_sequence(device, stream, tokens, count, B, V, G, W, seq, L, start, end)",
+         check_ngram_insert_sequence,
+         [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr seq,
+            int64_t L, Ptr start, Ptr end) {
+           ngram::insert_sequence_cpu(pool_of(tokens, count, V, G, W), B, L,
+                                      as<const int64_t>(seq), as<const int64_t>(start),
+                                      as<const int64_t>(end));
+         },
+         FASTDECODE_CUDA([](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                            Ptr seq, int64_t L, Ptr start, Ptr end, void* stream) {
+           ngram::insert_sequence_cuda(pool_of(tokens, count, V, G, W), B, L,
+                                       as<const int64_t>(seq), as<const int64_t>(start),
+                                       as<const int64_t>(end), stream);
+         }));
+  def_op(m, "ngram_lookup",
+         "ngram_lookup(device, stream, tokens, count, B, V, G, W, keys, candidates, out_count)",
+         check_ngram_lookup,
+         [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
+            Ptr candidates, Ptr out_count) {
+           ngram::lookup_cpu(pool_of(tokens, count, V, G, W), B, as<const int64_t>(keys),
+                             as<int64_t>(candidates), as<int64_t>(out_count));
+         },
+         FASTDECODE_CUDA([](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W,
+                            Ptr keys, Ptr candidates, Ptr out_count, void* stream) {
+           ngram::lookup_cuda(pool_of(tokens, count, V, G, W), B, as<const int64_t>(keys),
+                              as<int64_t>(candidates), as<int64_t>(out_count), stream);
+         }));
 
   namespace linear = fastdecode::linear;
-  m.def("small_linear_cpu",
-        [](Ptr x, int64_t ldx, Ptr w, int64_t ldw, Ptr bias, Ptr y, int64_t ldy, int64_t M,
-           int64_t N, int64_t K) {
-          check_small_linear(x, ldx, w, ldw, bias, y, ldy, M, N, K);
-          linear::small_linear_cpu(as<const float>(x), ldx, as<const float>(w), ldw,
-                                   as<const float>(bias), as<float>(y), ldy, M, N, K);
-        },
-        nogil);
+  def_op(m, "small_linear",
+         "small_linear(device, stream, x, ldx, w, ldw, bias, y, ldy, M, N, K): CPU only",
+         check_small_linear,
+         [](Ptr x, int64_t ldx, Ptr w, int64_t ldw, Ptr bias, Ptr y, int64_t ldy, int64_t M,
+            int64_t N, int64_t K) {
+           linear::small_linear_cpu(as<const float>(x), ldx, as<const float>(w), ldw,
+                                    as<const float>(bias), as<float>(y), ldy, M, N, K);
+         },
+         fastdecode::NoCudaKernel{});
   m.def("small_linear_isa", [] { return std::string(linear::isa_name(linear::active_isa())); },
-        "The instruction-set path small_linear_cpu takes: avx512, avx2 or scalar");
+        "The instruction-set path small_linear takes: avx512, avx2 or scalar");
   m.def("small_linear_isas",
         [] {
           std::vector<std::string> names;
@@ -408,98 +494,7 @@ PYBIND11_MODULE(_C, m) {
         "The paths this build and CPU support, fastest first");
   m.def("set_small_linear_isa",
         [](const std::string& name) { linear::set_isa(linear::parse_isa(name, "the small-linear path")); },
-        "Forces a path for every later small_linear_cpu call of the process");
+        "Forces a path for every later small_linear call of the process");
 
   bind_trie(m);
-
-#ifdef FASTDECODE_WITH_CUDA
-  m.def("verify_tree_cuda",
-        [](Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
-           Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens, Ptr stream) {
-          check_verify(draft, parents, predicted, B, T, max_depth, accept_len, best_node, path,
-                       tokens);
-          tree::verify_cuda(as<const int64_t>(draft), as<const int64_t>(parents),
-                            as<const int64_t>(predicted), B, T, max_depth,
-                            as<int64_t>(accept_len), as<int64_t>(best_node), as<int64_t>(path),
-                            as<int64_t>(tokens), as<void>(stream));
-        },
-        nogil);
-  m.def("tree_mask_cuda",
-        [](Ptr parents, int64_t B, int64_t T, Ptr mask, Ptr stream) {
-          check_nodes(parents, mask, B, T, "parents", "mask");
-          tree::mask_cuda(as<const int64_t>(parents), B, T, as<uint8_t>(mask), as<void>(stream));
-        },
-        nogil);
-  m.def("tree_positions_cuda",
-        [](Ptr parents, Ptr prefix_len, int64_t B, int64_t T, Ptr positions, Ptr stream) {
-          check_nodes(parents, positions, B, T, "parents", "positions");
-          require_ptr(prefix_len, B, "prefix_len");
-          tree::positions_cuda(as<const int64_t>(parents), as<const int64_t>(prefix_len), B, T,
-                               as<int64_t>(positions), as<void>(stream));
-        },
-        nogil);
-  m.def("pack_tree_mask_cuda",
-        [](Ptr mask, int64_t B, int64_t T, Ptr packed, Ptr stream) {
-          check_nodes(mask, packed, B, T, "mask", "packed");
-          tree::pack_cuda(as<const uint8_t>(mask), B, T, as<int32_t>(packed), as<void>(stream));
-        },
-        nogil);
-  m.def("compact_kv_cuda",
-        [](const std::vector<Ptr>& ptrs, const std::vector<int64_t>& dims,
-           const std::vector<int64_t>& strides, int64_t elem_size, int64_t B, Ptr start, Ptr src,
-           int64_t src_width, Ptr count, Ptr stream) {
-          const KVArgs args =
-              kv_args(ptrs, dims, strides, elem_size, B, start, src, src_width, count);
-          kv::compact_cuda(args.descs, args.unit, B, as<const int64_t>(start),
-                           as<const int64_t>(src), src_width, as<const int64_t>(count),
-                           as<void>(stream));
-        },
-        nogil);
-  m.def("ngram_insert_cuda",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
-           Ptr values, Ptr valid, int64_t M, Ptr stream) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(M, "M");
-          require_ptr(keys, B * M, "keys");
-          require_ptr(values, B * M, "values");
-          ngram::insert_cuda(pool, B, M, as<const int64_t>(keys), as<const int64_t>(values),
-                             as<const uint8_t>(valid), as<void>(stream));
-        },
-        nogil);
-  m.def("ngram_harvest_cuda",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr window,
-           Ptr new_tokens, int64_t width, Ptr stream) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(width, "width");
-          require_ptr(window, B * width, "window");
-          require_ptr(new_tokens, B * width, "new_tokens");
-          ngram::harvest_cuda(pool, B, width, as<const int64_t>(window),
-                              as<const int64_t>(new_tokens), as<void>(stream));
-        },
-        nogil);
-  m.def("ngram_insert_sequence_cuda",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr seq, int64_t L,
-           Ptr start, Ptr end, Ptr stream) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          check_ngram_sizes(L, "L");
-          require_ptr(seq, B * L, "tokens");
-          require_ptr(start, B, "start");
-          require_ptr(end, B, "end");
-          ngram::insert_sequence_cuda(pool, B, L, as<const int64_t>(seq),
-                                      as<const int64_t>(start), as<const int64_t>(end),
-                                      as<void>(stream));
-        },
-        nogil);
-  m.def("ngram_lookup_cuda",
-        [](Ptr tokens, Ptr count, int64_t B, int64_t V, int64_t G, int64_t W, Ptr keys,
-           Ptr candidates, Ptr out_count, Ptr stream) {
-          const ngram::Pool pool = ngram_pool(tokens, count, B, V, G, W);
-          require_ptr(keys, B, "keys");
-          require_ptr(candidates, B * G, "candidates");
-          require_ptr(out_count, B, "out_count");
-          ngram::lookup_cuda(pool, B, as<const int64_t>(keys), as<int64_t>(candidates),
-                             as<int64_t>(out_count), as<void>(stream));
-        },
-        nogil);
-#endif
 }

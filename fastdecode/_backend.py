@@ -9,7 +9,10 @@ Backends, fastest first on their device:
 
 Selection, per call: an active :func:`use_backend` context, else the ``FASTDECODE_BACKEND``
 environment variable, else the fastest backend that runs on the tensors' device. A backend
-that is forced but cannot run raises :class:`BackendUnavailableError`.
+that is forced but cannot run raises :class:`BackendUnavailableError`. The token trie of
+trie-based lookahead decoding (``_C.Trie``, behind :class:`fastdecode.decoding.TrieCache`) is a
+host data structure, not a dispatched op: it is outside this registry, and neither
+:func:`use_backend` nor ``FASTDECODE_BACKEND`` affects it.
 """
 
 from __future__ import annotations

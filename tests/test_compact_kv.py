@@ -222,6 +222,6 @@ def test_native_checks_again():
     k = torch.arange(10.0).view(1, 1, 10, 1)
     start, src, count = torch.tensor([2]), torch.tensor([[0, 9]]), torch.tensor([2])
     with pytest.raises(ValueError, match="past the cache's end"):
-        _native._C.compact_kv_cpu([k.data_ptr()], [1, 10, 1], list(k.stride()), 4, 1,
-                                  start.data_ptr(), src.data_ptr(), 2, count.data_ptr())
+        _native._C.compact_kv("cpu", 0, [k.data_ptr()], [1, 10, 1], list(k.stride()), 4, 1,
+                              start.data_ptr(), src.data_ptr(), 2, count.data_ptr())
     assert torch.equal(k, torch.arange(10.0).view(1, 1, 10, 1))

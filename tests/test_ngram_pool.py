@@ -422,8 +422,8 @@ def test_native_checks_again():
     for V, G, W, match in ((0, 2, 2, "V must be in"), (10, 2, 0, "W = N - 1 must be >= 1"),
                            (10, -1, 2, "G must be >= 0")):
         with pytest.raises(ValueError, match=match):
-            _native._C.ngram_lookup_cpu(pool.tokens.data_ptr(), pool.count.data_ptr(), 2, V, G, W,
-                                        keys.data_ptr(), out.data_ptr(), count.data_ptr())
+            _native._C.ngram_lookup("cpu", 0, pool.tokens.data_ptr(), pool.count.data_ptr(), 2,
+                                    V, G, W, keys.data_ptr(), out.data_ptr(), count.data_ptr())
     with pytest.raises(ValueError, match="keys is a null pointer"):
-        _native._C.ngram_insert_cpu(pool.tokens.data_ptr(), pool.count.data_ptr(), 2, 10, 2, 2, 0,
-                                    VAL.data_ptr(), 0, 3)
+        _native._C.ngram_insert("cpu", 0, pool.tokens.data_ptr(), pool.count.data_ptr(), 2, 10,
+                                2, 2, 0, VAL.data_ptr(), 0, 3)

@@ -190,11 +190,11 @@ def test_native_entry_checks_its_arguments() -> None:
     C = _native._C
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="M, N and K must be >= 0"):
-        C.small_linear_cpu(x.data_ptr(), 8, x.data_ptr(), 8, 0, x.data_ptr(), 8, -1, 4, 8)
+        C.small_linear("cpu", 0, x.data_ptr(), 8, x.data_ptr(), 8, 0, x.data_ptr(), 8, -1, 4, 8)
     with pytest.raises(ValueError, match="ldx must be >= K=8, found 4"):
-        C.small_linear_cpu(x.data_ptr(), 4, x.data_ptr(), 8, 0, x.data_ptr(), 8, 2, 2, 8)
+        C.small_linear("cpu", 0, x.data_ptr(), 4, x.data_ptr(), 8, 0, x.data_ptr(), 8, 2, 2, 8)
     with pytest.raises(ValueError, match="weight is a null pointer"):
-        C.small_linear_cpu(x.data_ptr(), 8, 0, 8, 0, x.data_ptr(), 8, 2, 2, 8)
+        C.small_linear("cpu", 0, x.data_ptr(), 8, 0, 8, 0, x.data_ptr(), 8, 2, 2, 8)
     with pytest.raises(ValueError, match="must be avx512, avx2 or scalar, found 'x'"):
         C.set_small_linear_isa("x")
 

@@ -344,11 +344,11 @@ def test_native_checks_again():
     """The C++ entry points reject bad sizes themselves, before touching memory."""
     C = _native._C
     with pytest.raises(ValueError, match="T must be in"):
-        C.tree_mask_cpu(1, 1, 0, 1)
+        C.tree_mask("cpu", 0, 1, 1, 0, 1)
     with pytest.raises(ValueError, match="max_depth must be in"):
-        C.verify_tree_cpu(1, 1, 1, 1, 3, 3, 1, 1, 1, 1)
+        C.verify_tree("cpu", 0, 1, 1, 1, 1, 3, 3, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="parents is a null pointer"):
-        C.tree_positions_cpu(0, 1, 1, 3, 1)
+        C.tree_positions("cpu", 0, 0, 1, 1, 3, 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -363,6 +363,6 @@ def test_native_mask_at_an_unaligned_address_matches():
     """The C++ mask falls back to byte stores where the output is not 16-byte aligned."""
     parents = as_tensor(random_batch(5, 2, 32, "trie")[0], "cpu")
     buffer = torch.zeros(2 * 32 * 32 + 1, dtype=torch.uint8)
-    _native._C.tree_mask_cpu(parents.data_ptr(), 2, 32, buffer.data_ptr() + 1)
+    _native._C.tree_mask("cpu", 0, parents.data_ptr(), 2, 32, buffer.data_ptr() + 1)
     assert buffer[1:].view(2, 32, 32).bool().tolist() == tree_mask(parents).tolist()
     assert buffer[0] == 0

@@ -39,7 +39,9 @@ def _compact_native(caches: list[torch.Tensor], start: torch.Tensor, src: torch.
                     count: torch.Tensor) -> None:
     if not caches:
         return
-    args = (
+    _native.launch(
+        _native._C.compact_kv,
+        start,
         [t.data_ptr() for t in caches],
         [d for t in caches for d in t.shape[1:]],
         [st for t in caches for st in t.stride()],
@@ -50,11 +52,6 @@ def _compact_native(caches: list[torch.Tensor], start: torch.Tensor, src: torch.
         src.shape[1],
         count.data_ptr(),
     )
-    if start.device.type == "cuda":
-        with torch.cuda.device(start.device):
-            _native._C.compact_kv_cuda(*args, _native.stream_of(start))
-    else:
-        _native._C.compact_kv_cpu(*args)
 
 
 register("compact_kv", "torch")(compact_kv_reference)

@@ -51,7 +51,8 @@ def _small_linear_native(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    _native._C.small_linear_cpu(
+    _native.launch(
+        _native._C.small_linear, x,
         x.data_ptr(), x.stride(0) if M > 1 else K,
         weight.data_ptr(), weight.stride(0) if N > 1 else K,
         0 if bias is None else bias.data_ptr(),

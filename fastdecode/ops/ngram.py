@@ -103,34 +103,30 @@ register("ngram_lookup", "torch")(ngram_lookup_reference)
 # ---- C++ (``cpu``) and CUDA (``cuda``) launchers --------------------------------------------
 
 
-def _native_call(name: str, pool_tokens: torch.Tensor, pool_count: torch.Tensor,
-                 *args: object) -> None:
-    """Calls ``_C.<name>_cpu`` or ``_C.<name>_cuda`` (adding the current stream) with the
-    pool's pointers and sizes ``(tokens, count, B, V, G, N-1)`` first, then ``args``."""
-    pool = (pool_tokens.data_ptr(), pool_count.data_ptr(), *pool_tokens.shape)
-    if pool_tokens.device.type == "cuda":
-        with torch.cuda.device(pool_tokens.device):
-            getattr(_native._C, name + "_cuda")(*pool, *args, _native.stream_of(pool_tokens))
-    else:
-        getattr(_native._C, name + "_cpu")(*pool, *args)
+def _pool(pool_tokens: torch.Tensor, pool_count: torch.Tensor) -> tuple[int, ...]:
+    """The pool's pointers and sizes ``(tokens, count, B, V, G, N-1)``, the first arguments of
+    every n-gram op of ``_C``."""
+    return (pool_tokens.data_ptr(), pool_count.data_ptr(), *pool_tokens.shape)
 
 
 def _insert_native(pool_tokens: torch.Tensor, pool_count: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, valid: torch.Tensor | None) -> None:
-    _native_call("ngram_insert", pool_tokens, pool_count, keys.data_ptr(), values.data_ptr(),
-                 0 if valid is None else valid.data_ptr(), keys.shape[1])
+    _native.launch(_native._C.ngram_insert, pool_tokens, *_pool(pool_tokens, pool_count),
+                   keys.data_ptr(), values.data_ptr(), 0 if valid is None else valid.data_ptr(),
+                   keys.shape[1])
 
 
 def _harvest_native(pool_tokens: torch.Tensor, pool_count: torch.Tensor, window: torch.Tensor,
                     new_tokens: torch.Tensor) -> None:
-    _native_call("ngram_harvest", pool_tokens, pool_count, window.data_ptr(),
-                 new_tokens.data_ptr(), new_tokens.shape[1])
+    _native.launch(_native._C.ngram_harvest, pool_tokens, *_pool(pool_tokens, pool_count),
+                   window.data_ptr(), new_tokens.data_ptr(), new_tokens.shape[1])
 
 
 def _insert_sequence_native(pool_tokens: torch.Tensor, pool_count: torch.Tensor,
                             tokens: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
-    _native_call("ngram_insert_sequence", pool_tokens, pool_count, tokens.data_ptr(),
-                 tokens.shape[1], start.data_ptr(), end.data_ptr())
+    _native.launch(_native._C.ngram_insert_sequence, pool_tokens,
+                   *_pool(pool_tokens, pool_count), tokens.data_ptr(), tokens.shape[1],
+                   start.data_ptr(), end.data_ptr())
 
 
 def _lookup_native(pool_tokens: torch.Tensor, pool_count: torch.Tensor,
@@ -138,8 +134,8 @@ def _lookup_native(pool_tokens: torch.Tensor, pool_count: torch.Tensor,
     B, _, G, n1 = pool_tokens.shape
     candidates = keys.new_empty(B, G, n1)
     count = keys.new_empty(B)
-    _native_call("ngram_lookup", pool_tokens, pool_count, keys.data_ptr(),
-                 candidates.data_ptr(), count.data_ptr())
+    _native.launch(_native._C.ngram_lookup, pool_tokens, *_pool(pool_tokens, pool_count),
+                   keys.data_ptr(), candidates.data_ptr(), count.data_ptr())
     return candidates, count
 
 

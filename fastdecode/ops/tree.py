@@ -149,45 +149,36 @@ register("pack_tree_mask", "torch")(pack_tree_mask_reference)
 # ---- C++ (``cpu``) and CUDA (``cuda``) launchers --------------------------------------------
 
 
-def _native_call(name: str, like: torch.Tensor, *args: object) -> None:
-    """Calls ``_C.<name>_cpu`` or ``_C.<name>_cuda`` (adding the current stream) for ``like``."""
-    if like.device.type == "cuda":
-        with torch.cuda.device(like.device):
-            getattr(_native._C, name + "_cuda")(*args, _native.stream_of(like))
-    else:
-        getattr(_native._C, name + "_cpu")(*args)
-
-
 def _verify_native(draft_tokens: torch.Tensor, parents: torch.Tensor, predicted: torch.Tensor,
                    max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = parents.shape
     accept_len, best = (parents.new_empty(B) for _ in range(2))
     path, tokens = (parents.new_empty(B, max_depth + 1) for _ in range(2))
-    _native_call("verify_tree", parents, draft_tokens.data_ptr(), parents.data_ptr(),
-                 predicted.data_ptr(), B, T, max_depth, accept_len.data_ptr(), best.data_ptr(),
-                 path.data_ptr(), tokens.data_ptr())
+    _native.launch(_native._C.verify_tree, parents, draft_tokens.data_ptr(), parents.data_ptr(),
+                   predicted.data_ptr(), B, T, max_depth, accept_len.data_ptr(), best.data_ptr(),
+                   path.data_ptr(), tokens.data_ptr())
     return accept_len, best, path, tokens
 
 
 def _mask_native(parents: torch.Tensor) -> torch.Tensor:
     B, T = parents.shape
     mask = torch.empty(B, T, T, dtype=torch.bool, device=parents.device)
-    _native_call("tree_mask", parents, parents.data_ptr(), B, T, mask.data_ptr())
+    _native.launch(_native._C.tree_mask, parents, parents.data_ptr(), B, T, mask.data_ptr())
     return mask
 
 
 def _positions_native(parents: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
     B, T = parents.shape
     positions = torch.empty_like(parents)
-    _native_call("tree_positions", parents, parents.data_ptr(), prefix_len.data_ptr(), B, T,
-                 positions.data_ptr())
+    _native.launch(_native._C.tree_positions, parents, parents.data_ptr(), prefix_len.data_ptr(),
+                   B, T, positions.data_ptr())
     return positions
 
 
 def _pack_native(mask: torch.Tensor) -> torch.Tensor:
     B, T, _ = mask.shape
     packed = torch.empty(B, T, (T + 31) // 32, dtype=torch.int32, device=mask.device)
-    _native_call("pack_tree_mask", mask, mask.data_ptr(), B, T, packed.data_ptr())
+    _native.launch(_native._C.pack_tree_mask, mask, mask.data_ptr(), B, T, packed.data_ptr())
     return packed
 
 

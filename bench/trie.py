@@ -77,10 +77,10 @@ def fill(trie: TrieCache, corpus: Corpus, overshoot: float = 0.1) -> dict:
     chunks, t0 = [], time.perf_counter()
     while trie.num_nodes < trie.max_nodes_total:
         chunks.append(torch.from_numpy(corpus.take(512)))
-        trie.insert(chunks[-1], source="output")
+        trie.insert(chunks[-1], source="shared")
     for _ in range(max(1, int(len(chunks) * overshoot))):
         chunks.append(torch.from_numpy(corpus.take(512)))
-        trie.insert(chunks[-1], source="output")
+        trie.insert(chunks[-1], source="shared")
     seconds = time.perf_counter() - t0
     stats = trie.stats()
     return {"text": torch.cat(chunks), "seconds": seconds, "tokens": 512 * len(chunks),
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace, device: torch.device, plan: Plan) -> dict:
 
     # A request holding a long prompt: its prompt counts rank first.
     prompt = torch.from_numpy(corpus.take(4096))
-    trie.insert(prompt, source="prompt", request_id=1)
+    trie.insert(prompt, source="request", request_id=1)
     gen = torch.Generator().manual_seed(3)
     prompt_ctx = [prompt[p - 2:p].clone() for p in
                   torch.randint(2, len(prompt), (N_CONTEXTS,), generator=gen).tolist()]
@@ -178,13 +178,13 @@ def run(args: argparse.Namespace, device: torch.device, plan: Plan) -> dict:
     steps = torch.from_numpy(corpus.take(16 * 4096)).view(-1, 16)
     it = itertools.cycle(steps)
     rows.append(timed("insert 16 output tokens", "one step's accepted tokens",
-                      lambda: trie.insert(next(it), source="output"), plan))
+                      lambda: trie.insert(next(it), source="shared"), plan))
     prompts = torch.from_numpy(corpus.take(2048 * 8)).view(-1, 2048)
     it = itertools.cycle(enumerate(prompts))
 
     def prompt_cycle() -> None:
         i, p = next(it)
-        trie.insert(p, source="prompt", request_id=10 + i)
+        trie.insert(p, source="request", request_id=10 + i)
         trie.end_request(10 + i)
 
     rows.append(timed("insert 2048-token prompt + end", "prompt windows, then release",

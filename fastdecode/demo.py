@@ -250,16 +250,16 @@ def format_report(results: dict[str, list[tuple[Run, Run]]]) -> str:
     out += [line(r) for r in rows[:-1]] + [line(["-" * w for w in widths]), line(rows[-1])]
     out += ["", "tokens/step: tokens emitted per model forward with auto (greedy: 1.00); "
             "speedup: auto tok/s over greedy tok/s;",
-            "auto's seconds include its one-time cost probes (a few forwards per context-length "
-            "bucket)", "",
+            "auto's seconds include its one-time cost probe (a few forwards, the first time the "
+            "model is timed)", "",
             "what auto chose per step (g n-gram candidates of k tokens verified; plain = no "
             "draft):"]
     name_w = max(len(c) for c in results)
     out += [f"  {cat.ljust(name_w)}  {_choices([a for _, a in pairs])}"
             for cat, pairs in results.items()]
     costs = every[-1][1].auto["cost_s"]
-    out.append("  forward cost it measured here (last context-length bucket): " + ", ".join(
-        f"{t} tok {s * 1e3:.0f} ms" for t, s in costs.items()))
+    out.append("  forward cost it measured here (the last call's context, from its probe and "
+               "real steps): " + ", ".join(f"{t} tok {s * 1e3:.0f} ms" for t, s in costs.items()))
     return "\n".join(out)
 
 

@@ -31,13 +31,23 @@ def flat_forward_costs(model: torch.nn.Module) -> Iterator[None]:
     """``config="auto"`` sees forwards of any size cost the same for ``model`` (as on a
     memory-bound GPU) instead of timing them: its choices no longer depend on this machine's
     speed."""
-    from fastdecode.decoding import cost
+    from fastdecode.hf import step_costs
 
-    flat = [(t, 1.0) for t in cost.PROBE_TOKENS]
-    saved = dict(cost._COST_CACHE)
+    class Flat(step_costs.StepCosts):
+        def add(self, context: int, tokens: int, seconds: float) -> None:
+            return None
+
+        def measured(self) -> bool:
+            return True
+
+        def curve(self, context: int) -> list[tuple[int, float]]:
+            return [(t, 1.0) for t in step_costs.PROBE_TOKENS]
+
+    saved = step_costs._BOOK.pop(model, None)
+    step_costs._BOOK[model] = {("cpu", str(model.dtype)): Flat()}
     try:
-        cost._COST_CACHE.update({(id(model), "cpu", str(model.dtype), b): flat for b in range(32)})
         yield
     finally:
-        cost._COST_CACHE.clear()
-        cost._COST_CACHE.update(saved)
+        del step_costs._BOOK[model]
+        if saved is not None:
+            step_costs._BOOK[model] = saved

@@ -7,6 +7,7 @@ import torch
 from test_generate import hf_greedy, prompts, tiny
 
 import fastdecode
+from fastdecode.decoding.budget import BudgetChooser
 from fastdecode.decoding.auto_trie import FIRST_BUDGET, AutoTrie, Lookup, single_continuation
 
 # Root 5 with two branches: 1 -> 2 -> 6 and 3 -> 4; as the smaller budget, the first branch only.
@@ -70,14 +71,18 @@ def test_auto_decodes_plainly_between_several_continuations():
     """A miss where the trie offers several continuations is decoded plainly; a single
     continuation, or a copy that is running, drafts (before any step is scored, with
     FIRST_BUDGET nodes)."""
-    auto = AutoTrie(None, 50, 64, 4)
+    auto = AutoTrie(50, 64, 4)
     auto.rows, auto.rids, auto.following = [[1, 2, 3, 1, 2, 4, 1, 2]], [None], [False]
-    auto.costs = [(1, 1.0), (64, 1.0)]
-    auto.trie.insert(auto.rows[0], source="prompt")
+    auto.trie.insert(auto.rows[0], source="request")
     auto.device = torch.device("cpu")
-    auto.propose(torch.tensor([2]))
-    assert auto.nodes == 1 and not auto.pending[-1].drafting  # [1, 2] -> 3 or 4
+    curve = [(1, 1.0), (64, 1.0)]
+    chooser = BudgetChooser()
+    assert chooser.choose(curve, auto.options(curve)) == 1  # [1, 2] -> 3 or 4
+    assert not auto.pending[-1].drafting
+    assert auto.propose(torch.tensor([2]), 1).tokens.tolist() == [[2]]
     auto.following = [True]
     auto.pending.clear()
-    auto.propose(torch.tensor([2]))
-    assert auto.nodes == FIRST_BUDGET and auto.pending[-1].drafting
+    assert chooser.choose(curve, auto.options(curve)) == FIRST_BUDGET
+    assert auto.pending[-1].drafting
+    draft = auto.propose(torch.tensor([2]), FIRST_BUDGET)
+    assert draft.tokens.shape[1] > 1 and draft.tokens[0, 0] == 2

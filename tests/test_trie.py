@@ -39,7 +39,7 @@ class Oracle:
             if t in self.eos:
                 seq = seq[:i]
                 break
-        counts = self.out if source == "output" else self.prompt[rid]
+        counts = self.out if source == "shared" else self.prompt[rid]
         for i in range(len(seq) - 1):
             w = tuple(seq[i:i + self.W])
             for j in range(1, len(w) + 1):
@@ -169,7 +169,7 @@ def example_trie(**kw):
     trie = TrieCache(16, branch_length=3, decoding_length=8, **kw)
     for seq in ([THE, CAT, SAT, ON, THE], [THE, CAT, SAT, ON, THE], [THE, CAT, SAT, DOWN, DOT],
                 [THE, CAT, IS, BLACK]):
-        trie.insert(seq, source="output")
+        trie.insert(seq, source="shared")
     return trie
 
 
@@ -213,7 +213,7 @@ V = 5
 seqs = st.lists(st.integers(0, V - 1), min_size=0, max_size=12)
 rids = st.sampled_from([None, 0, 1])
 op = st.one_of(
-    st.tuples(st.just("insert"), seqs, st.sampled_from(["prompt", "output"]), rids),
+    st.tuples(st.just("insert"), seqs, st.sampled_from(["request", "shared"]), rids),
     st.tuples(st.just("end"), rids),
 )
 
@@ -239,7 +239,7 @@ def test_matches_oracle(ops_, match_len, branch_length, queries):
     for path in set(oracle.out) | {p for c in oracle.prompt.values() for p in c}:
         assert trie.count(list(path)) == oracle.out[path]
         for rid in (None, 0, 1):
-            assert trie.count(list(path), "prompt", rid) == oracle.key(path, rid)[0]
+            assert trie.count(list(path), "request", rid) == oracle.key(path, rid)[0]
     # Nodes held only by released prompts are gone.
     live = {p for p in oracle.out if oracle.out[p]} | {p for c in oracle.prompt.values()
                                                         for p in c if c[p]}
@@ -251,11 +251,11 @@ def test_matches_oracle(ops_, match_len, branch_length, queries):
 
 def test_prompt_counts_are_per_request():
     trie = TrieCache(32, branch_length=4)
-    trie.insert([1, 2, 3, 4, 5], source="prompt", request_id=7)
+    trie.insert([1, 2, 3, 4, 5], source="request", request_id=7)
     assert trie.retrieve([1, 2], request_id=7)[0].tolist() == [2, 3, 4, 5]
     assert trie.retrieve([1, 2], request_id=8)[0].tolist() == [2]  # invisible to others
     assert trie.retrieve([1, 2])[0].tolist() == [2]
-    trie.insert([2, 3, 9], source="output")
+    trie.insert([2, 3, 9], source="shared")
     # Request 7 ranks its prompt branch first, others see only the output branch.
     assert trie.retrieve([2], request_id=7)[0].tolist() == [2, 3, 4, 5, 9]
     assert trie.retrieve([2], request_id=8)[0].tolist() == [2, 3, 9]
@@ -269,8 +269,8 @@ def test_prompt_counts_are_per_request():
 def test_prompt_outranks_output():
     trie = TrieCache(32, branch_length=2)
     for _ in range(5):
-        trie.insert([1, 2, 3], source="output")
-    trie.insert([1, 2, 4], source="prompt", request_id=0)
+        trie.insert([1, 2, 3], source="shared")
+    trie.insert([1, 2, 4], source="request", request_id=0)
     assert trie.retrieve([1, 2], max_depth=1, request_id=0)[0].tolist() == [2, 4, 3]
     assert trie.retrieve([1, 2], max_depth=1, request_id=1)[0].tolist() == [2, 3]
 
@@ -278,9 +278,9 @@ def test_prompt_outranks_output():
 def test_prompt_child_found_past_the_first_entries():
     trie = TrieCache(64, branch_length=2)
     for k in range(10, 40):  # 30 output children of "1", each above the prompt child
-        trie.insert([1, k], source="output")
-        trie.insert([1, k], source="output")
-    trie.insert([1, 5, 6], source="prompt", request_id=0)
+        trie.insert([1, k], source="shared")
+        trie.insert([1, k], source="shared")
+    trie.insert([1, 5, 6], source="request", request_id=0)
     tokens, parents = trie.retrieve([1], max_nodes=5, request_id=0)
     assert tokens.tolist()[:3] == [1, 5, 6] and parents.tolist()[:3] == [-1, 0, 1]
     assert trie.retrieve([1], max_nodes=3, max_depth=1)[0].tolist() == [1, 10, 11]
@@ -288,15 +288,15 @@ def test_prompt_child_found_past_the_first_entries():
 
 def test_eos_cuts_insertions():
     trie = TrieCache(32, eos_token_ids=[0])
-    trie.insert([5, 6, 7, 0, 8, 9], source="output")
+    trie.insert([5, 6, 7, 0, 8, 9], source="shared")
     assert trie.count([7, 0]) == 0 and trie.count([8]) == 0 and trie.count([6, 7]) == 1
     assert trie.eos_token_ids == (0,)
 
 
 def test_longest_context_first_then_fallback():
     trie = TrieCache(32, match_len=2, branch_length=3)
-    trie.insert([1, 5, 6, 7, 8], source="output")  # "5" continues with 6 7 8 after 1 ...
-    trie.insert([2, 5, 9], source="output")         # ... and with 9 after 2
+    trie.insert([1, 5, 6, 7, 8], source="shared")  # "5" continues with 6 7 8 after 1 ...
+    trie.insert([2, 5, 9], source="shared")         # ... and with 9 after 2
     assert trie.retrieve([2, 5], max_depth=1)[0].tolist() == [5, 9]  # longest context first
     assert trie.retrieve([1, 5])[0].tolist() == [5, 6, 7, 8]
     # "2 5" gives 1 draft < min(max_depth, max_nodes - 1) = 3: the 1-token context "5" has more.
@@ -307,7 +307,7 @@ def test_longest_context_first_then_fallback():
 
 def test_retrieve_batch_matches_rows():
     trie = example_trie()
-    trie.insert([SAT, DOWN, 12], source="prompt", request_id=3)
+    trie.insert([SAT, DOWN, 12], source="request", request_id=3)
     contexts = [torch.tensor([THE, CAT]), [CAT, SAT], np.array([15], dtype=np.int64), [DOWN]]
     rids = [None, 3, 3, None]
     tokens, parents = trie.retrieve_batch(contexts, request_ids=rids)
@@ -334,7 +334,7 @@ def test_budget_holds_under_heavy_insertion():
     gen = torch.Generator().manual_seed(0)
     for step in range(400):  # ~16k windows, ~100k nodes' worth
         seq = torch.randint(0, 1000, (40,), generator=gen)
-        trie.insert(seq, source="output")
+        trie.insert(seq, source="shared")
         assert trie.num_nodes <= budget
         if step % 50 == 0:
             trie.check()
@@ -342,7 +342,7 @@ def test_budget_holds_under_heavy_insertion():
     trie.check()
     # The most recent sequence survives; retrieval still works.
     seq = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
-    trie.insert(seq, source="output")
+    trie.insert(seq, source="shared")
     assert trie.retrieve([7, 8])[0].tolist() == [8, 9, 10, 11, 12, 13, 14]
     assert trie.num_nodes <= budget
     trie.check()
@@ -350,14 +350,14 @@ def test_budget_holds_under_heavy_insertion():
 
 def test_eviction_is_least_recently_used():
     trie = TrieCache(100, branch_length=2, max_nodes_total=12)
-    trie.insert([1, 2, 3, 4], source="output")   # 3 windows: 1 2 3 4 | 2 3 4 | 3 4 -> 9 nodes
-    trie.insert([50, 51, 52], source="output")  # needs 5 nodes: evicts the oldest leaves
+    trie.insert([1, 2, 3, 4], source="shared")   # 3 windows: 1 2 3 4 | 2 3 4 | 3 4 -> 9 nodes
+    trie.insert([50, 51, 52], source="shared")  # needs 5 nodes: evicts the oldest leaves
     assert trie.num_nodes <= 12
     assert trie.retrieve([50, 51])[0].tolist() == [51, 52]
     assert trie.count([3, 4]) == 1  # the most recent windows of the first sequence survive
     assert trie.count([1, 2, 3, 4]) == 0
-    trie.insert([3, 4, 60], source="output")  # refreshes "3 4"
-    trie.insert([70, 71, 72], source="output")
+    trie.insert([3, 4, 60], source="shared")  # refreshes "3 4"
+    trie.insert([70, 71, 72], source="shared")
     assert trie.count([3, 4, 60]) == 1 and trie.count([3, 4]) == 2  # recent: kept
     assert trie.count([50, 51, 52]) == 0  # older: evicted
     trie.check()
@@ -365,14 +365,14 @@ def test_eviction_is_least_recently_used():
 
 def test_pinned_prompts_truncate_but_never_exceed_budget():
     trie = TrieCache(1000, branch_length=4, max_nodes_total=50)
-    trie.insert(list(range(100)), source="prompt", request_id=0)  # needs ~500 nodes
+    trie.insert(list(range(100)), source="request", request_id=0)  # needs ~500 nodes
     assert trie.num_nodes == 50 and trie.stats()["truncated_windows"] > 0
-    trie.insert(list(range(200, 230)), source="output")  # no room: all pinned
+    trie.insert(list(range(200, 230)), source="shared")  # no room: all pinned
     assert trie.num_nodes == 50
     trie.check()
     trie.end_request(0)
     assert trie.num_nodes == 0
-    trie.insert(list(range(200, 230)), source="output")
+    trie.insert(list(range(200, 230)), source="shared")
     assert trie.num_nodes == 50
     trie.check()
 
@@ -408,7 +408,7 @@ def test_threads_lose_no_count():
         plan.append(seqs)
         for _ in range(repeats):
             for s in seqs:
-                oracle.insert(s.tolist(), "output")
+                oracle.insert(s.tolist(), "shared")
     errors = []
     barrier = threading.Barrier(n_threads)
 
@@ -417,8 +417,8 @@ def test_threads_lose_no_count():
             barrier.wait()
             for r in range(repeats):
                 for s in plan[t]:
-                    trie.insert(s, source="output")
-                    trie.insert(s, source="prompt", request_id=t)
+                    trie.insert(s, source="shared")
+                    trie.insert(s, source="request", request_id=t)
                     tokens, parents = trie.retrieve(s[:3], request_id=t)
                     tree_paths(tokens, parents)
                     trie.retrieve_batch([s[:2], s[:1]], max_nodes=16)
@@ -465,8 +465,8 @@ def small_saved_trie():
                      eos_token_ids=[63])
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
-        trie.insert(torch.randint(0, 20, (12,), generator=gen), source="output")
-    trie.insert([1, 2, 3, 4, 5], source="prompt", request_id=4)
+        trie.insert(torch.randint(0, 20, (12,), generator=gen), source="shared")
+    trie.insert([1, 2, 3, 4, 5], source="request", request_id=4)
     return trie
 
 
@@ -484,13 +484,13 @@ def test_save_load_round_trip(tmp_path):
     for _ in range(8):  # same future: same evictions, same trees
         seq = torch.randint(0, 20, (10,), generator=gen)
         for t in (trie, back):
-            t.insert(seq, source="output")
+            t.insert(seq, source="shared")
         for ctx in ([1, 2], [seq[3].item(), seq[4].item()], [5]):
             for rid in (None, 4):
                 a, b = trie.retrieve(ctx, request_id=rid), back.retrieve(ctx, request_id=rid)
                 assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
     assert back.to_bytes() == trie.to_bytes()
-    assert back.count([1, 2, 3], "prompt", 4) == 1
+    assert back.count([1, 2, 3], "request", 4) == 1
     back.end_request(4)
     back.check()
 
@@ -519,7 +519,7 @@ def test_load_rejects_every_truncation_and_flipped_byte(tmp_path):
 
 def test_load_rejects_inconsistent_files_with_valid_checksums():
     trie = TrieCache(16, branch_length=2)
-    trie.insert([1, 2, 3], source="output")
+    trie.insert([1, 2, 3], source="shared")
     body = trie.to_bytes()[:-8]
     assert TrieCache.from_bytes(reseal(body)).count([1, 2, 3]) == 1
     head, payload = body[:64], body[64:]
@@ -582,7 +582,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown source"):
         trie.insert([1, 2], source="input")
     with pytest.raises(TypeError, match="dtype"):
-        trie.insert(torch.tensor([1.0, 2.0]), source="output")
+        trie.insert(torch.tensor([1.0, 2.0]), source="shared")
     with pytest.raises(TypeError, match="dtype"):
         trie.retrieve(torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(TypeError, match="dtype"):
@@ -596,7 +596,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="1-D"):
         trie.insert(torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        trie.insert([1, 16], source="output")
+        trie.insert([1, 16], source="shared")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         trie.insert([-1, 2])
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -618,6 +618,17 @@ def test_bad_arguments():
     # A rejected insertion changes nothing.
     before = trie.to_bytes()
     with pytest.raises(ValueError):
-        trie.insert([1, 2, 3, 4, 5, 6, 7, 100], source="output")
+        trie.insert([1, 2, 3, 4, 5, 6, 7, 100], source="shared")
     assert trie.to_bytes() == before
     trie.check()
+
+
+@pytest.mark.parametrize("old, new", [("prompt", "request"), ("output", "shared")])
+def test_old_source_names_warn_and_still_work(old, new):
+    trie, same = TrieCache(10), TrieCache(10)
+    with pytest.warns(DeprecationWarning, match=f"source='{old}' is deprecated; use source='{new}'"):
+        trie.insert([1, 2, 3], source=old, request_id=4)
+    same.insert([1, 2, 3], source=new, request_id=4)
+    assert trie.count([1, 2], new, 4) == same.count([1, 2], new, 4) == 1
+    with pytest.warns(DeprecationWarning):
+        assert trie.count([1, 2], old, 4) == 1

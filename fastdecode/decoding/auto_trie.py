@@ -1,38 +1,39 @@
-"""``config="auto"`` for trie lookahead: decide, step by step, whether to draft and how many
-nodes the draft tree gets, so that the expected tokens per second are highest on this device.
+"""``config="auto"`` for trie lookahead: whether each step drafts and how many nodes the draft
+tree gets, so that the expected tokens per second are highest on this device.
 
-* Cost: the forward's seconds against the tokens fed (:mod:`fastdecode.decoding.cost`).
 * When to draft: a step drafts only where a row's text is likely to follow the trie: the
   row's real tokens followed the tree retrieved at its previous step (a copy is running), or
   the trie offers a single continuation of the row's context (one child under the root).
   Elsewhere the step decodes plainly, whatever a tree would cost: on devices where an
   8-token forward costs well over a 1-token one (CPUs), drafting after a miss between
-  several continuations loses more than it wins.
-* How much: every drafting step the trie is asked for a tree at each node budget (retrieval
+  several continuations loses more than it wins. A step that does not draft retrieves one
+  tree per row (the largest, to tell whether the next step follows it).
+* How much: a step that may draft asks the trie for a tree at each node budget (retrieval
   takes microseconds, a forward milliseconds). Once the real continuation is known, each
   budget's tree is scored by how many of its drafts would have been accepted, and a decayed
   running mean of that (and of the tree's size) is kept per budget. This needs no extra
   forward; the decay lets it follow the text from passages that copy the prompt to passages
-  that do not. The step takes the budget with the best estimated (tokens per step) /
-  (seconds per step); plain decoding stays a candidate and must be beaten by a margin. Until
-  a drafting step has been scored, the budget is ``FIRST_BUDGET``.
+  that do not. Each budget becomes an option, priced by the loop's
+  :class:`~fastdecode.decoding.budget.BudgetChooser` on the measured step costs against plain
+  decoding. Until a drafting step has been scored, the one option is ``FIRST_BUDGET``.
+  The chosen budget's trees are the ones already retrieved.
 """
 
 from __future__ import annotations
 
+from typing import Hashable
+
 import torch
 
-from fastdecode.decoding.cost import forward_costs, interpolate
+from fastdecode.decoding.budget import Option
 from fastdecode.decoding.drafter import Draft, History
 from fastdecode.decoding.trie_cache import TrieCache
 from fastdecode.decoding.trie_drafter import TrieDrafter
-from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import VerifyResult
 
 NODE_CHOICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FIRST_BUDGET = 8  # the node budget of drafting steps before any has been scored
 DECAY = 0.8  # weight of the running means' past per scored lookup
-MARGIN = 1.05  # drafting must promise this much more than plain decoding
 
 
 class Lookup:
@@ -84,14 +85,13 @@ def single_continuation(parents: list[int]) -> bool:
 
 
 class AutoTrie(TrieDrafter):
-    """A :class:`TrieDrafter` in hierarchical mode that decides every step whether to draft and
-    picks the tree's node budget (see the module docstring). ``decoding_length`` bounds the
-    budget; ``branch_length`` is the depth of every tree."""
+    """A :class:`TrieDrafter` in hierarchical mode whose node budget is the loop's step budget
+    (see the module docstring). ``decoding_length`` bounds the budget; ``branch_length`` is
+    the depth of every tree."""
 
-    def __init__(self, runner: TreeRunner, vocab_size: int, decoding_length: int,
-                 branch_length: int, *, cache: TrieCache | None = None) -> None:
+    def __init__(self, vocab_size: int, decoding_length: int, branch_length: int, *,
+                 cache: TrieCache | None = None) -> None:
         super().__init__(vocab_size, decoding_length, branch_length, cache=cache)
-        self.runner = runner
         self.budgets = sorted({n for n in NODE_CHOICES if n < decoding_length} | {decoding_length}
                               - {1})
         # Decayed sums over the scored lookups of drafting steps: accepted drafts and tree sizes
@@ -101,20 +101,43 @@ class AutoTrie(TrieDrafter):
         self.weight = 0.0
         self.following: list[bool] = []  # per row: its newest lookup is followed so far
         self.pending: list[Lookup] = []  # lookups awaiting their outcome
-        self.choices: dict[int, int] = {}
+        self.step_trees: dict[int, dict[int, tuple[list[int], list[int]]]] = {}  # row: this step's
 
     def start(self, history: History) -> None:
         super().start(history)
-        self.costs = forward_costs(self.runner, history)
         self.following = [False] * len(self.rows)
 
-    def _choose(self, drafting: bool) -> int:
-        """The node budget with the best expected tokens per second (1: plain decoding). The
+    def _retrieve(self, b: int, n: int) -> tuple[list[int], list[int]]:
+        tokens, parents = self.trie.retrieve(self.rows[b][-self.trie.match_len:], max_nodes=n,
+                                             max_depth=self.depth, mode="hier",
+                                             request_id=self.rids[b])
+        return tokens.tolist(), parents.tolist()
+
+    def options(self, curve: list[tuple[int, float]]) -> list[Option]:
+        """Retrieves this step's trees (see the module docstring) and offers plain decoding and,
+        where a row may draft, every node budget with its expected tokens and tree size. The
         drafting steps' lookups still pending count with what they matched so far (a lower
         bound), so that a run of matches drafts big trees at once instead of after
         ``branch_length`` tokens."""
+        plain = Option(1, "nodes=1", 1.0, 1.0)
+        self.step_trees = {}
+        if not self.budgets:
+            return [plain]
+        waiting = {(look.row, look.next_at) for look in self.pending}
+        largest, may = self.budgets[-1], {}
+        for b, row in enumerate(self.rows):
+            if (b, len(row)) in waiting:  # a finished row's lookup is still pending
+                continue
+            self.step_trees[b] = {largest: self._retrieve(b, largest)}
+            parents = self.step_trees[b][largest][1]
+            may[b] = len(parents) > 1 and (self.following[b] or single_continuation(parents))
+        drafting = any(may.values())
+        for b, trees in self.step_trees.items():
+            if drafting:  # every budget for every row: the rows draft together
+                trees.update({n: self._retrieve(b, n) for n in self.budgets[:-1]})
+            self.pending.append(Lookup(b, len(self.rows[b]) - 1, trees, self.depth, may[b]))
         if not drafting:
-            return 1
+            return [plain]
         weight, gain, size = self.weight, dict(self.gain), dict(self.size)
         for look in self.pending:
             if look.seen and look.drafting:
@@ -123,32 +146,26 @@ class AutoTrie(TrieDrafter):
                     gain[n] = DECAY * gain[n] + m
                     size[n] = DECAY * size[n] + look.size[n]
         if not weight:
-            return max([n for n in self.budgets if n <= FIRST_BUDGET], default=self.budgets[0])
-        best, choice = MARGIN / interpolate(self.costs, 1), 1
-        for n in self.budgets:
-            rate = (1 + gain[n] / weight) / interpolate(self.costs, max(1.0, size[n] / weight))
-            if rate > best:
-                best, choice = rate, n
-        return choice
+            first = max([n for n in self.budgets if n <= FIRST_BUDGET], default=self.budgets[0])
+            return [Option(first, f"nodes={first}", 1.0, float(first))]
+        return [plain] + [Option(n, f"nodes={n}", 1 + gain[n] / weight,
+                                 max(1.0, size[n] / weight)) for n in self.budgets]
 
-    def propose(self, last: torch.Tensor) -> Draft:
-        waiting = {(look.row, look.next_at) for look in self.pending}
-        drafting = False
-        for b, (row, rid) in enumerate(zip(self.rows, self.rids)):
-            if not self.budgets or (b, len(row)) in waiting:  # (a finished row's is pending)
-                continue
-            ctx, trees = row[-self.trie.match_len:], {}
-            for n in self.budgets:
-                t, p = self.trie.retrieve(ctx, max_nodes=n, max_depth=self.depth, mode="hier",
-                                          request_id=rid)
-                trees[n] = (t.tolist(), p.tolist())
-            largest = trees[self.budgets[-1]][1]
-            may = len(largest) > 1 and (self.following[b] or single_continuation(largest))
-            drafting = drafting or may
-            self.pending.append(Lookup(b, len(row) - 1, trees, self.depth, may))
-        self.nodes = self._choose(drafting)
-        self.choices[self.nodes] = self.choices.get(self.nodes, 0) + 1
-        return super().propose(last)
+    def propose(self, last: torch.Tensor, budget: Hashable = None) -> Draft:
+        """Draft trees of ``budget`` nodes, from the trees :meth:`options` retrieved (a row
+        without one, finished, gets its root alone)."""
+        n = budget if budget is not None else self.nodes
+        B = len(self.rows)
+        trees = [self.step_trees.get(b, {}).get(n) for b in range(B)]
+        T = max([len(t[0]) for t in trees if t is not None], default=1)
+        tokens = [[0] * T for _ in range(B)]
+        parents = [[-2] * T for _ in range(B)]
+        for b, tree in enumerate(trees):
+            tok, par = tree if tree is not None else ([self.rows[b][-1]], [-1])
+            tokens[b][:len(tok)], parents[b][:len(par)] = tok, par
+        tokens_t = torch.tensor(tokens).to(self.device, non_blocking=True)
+        parents_t = torch.tensor(parents).to(self.device, non_blocking=True)
+        return Draft(tokens_t, parents_t, parents_t, min(self.depth, T - 1))
 
     def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
                 history: History) -> None:
@@ -176,6 +193,4 @@ class AutoTrie(TrieDrafter):
     def stats(self) -> dict:
         out = super().stats()
         out["decoding_length"] = self.budgets[-1] if self.budgets else 1  # the bound
-        out["auto"] = {"choices": {f"nodes={n}": c for n, c in sorted(self.choices.items())},
-                       "cost_s": {t: round(c, 6) for t, c in self.costs}}
         return out

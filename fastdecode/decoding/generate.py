@@ -162,7 +162,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     if strategy == "jacobi" and config == "auto":
         from fastdecode.decoding.auto_jacobi import AutoJacobi
 
-        drafter = AutoJacobi(runner, model.config.vocab_size, W, N, G,
+        drafter = AutoJacobi(model.config.vocab_size, W, N, G,
                              pool_from_prompt=pool_from_prompt, generator=generator)
     elif strategy == "jacobi":
         from fastdecode.decoding.jacobi import JacobiDrafter
@@ -172,7 +172,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     elif strategy == "trie" and config == "auto":
         from fastdecode.decoding.auto_trie import AutoTrie
 
-        drafter = AutoTrie(runner, model.config.vocab_size, decoding_length, branch_length,
+        drafter = AutoTrie(model.config.vocab_size, decoding_length, branch_length,
                            cache=trie_cache)
     elif strategy in ("trie", "prompt_lookup"):
         from fastdecode.decoding.trie_drafter import TrieDrafter

@@ -18,6 +18,7 @@ of the output.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Hashable
 
 import torch
 
@@ -122,7 +123,7 @@ class JacobiDrafter:
         out[:, 1: 1 + G * K] = torch.where(real, parent_idx, -2).view(B, G * K)
         return out
 
-    def propose(self, last: torch.Tensor) -> Draft:
+    def propose(self, last: torch.Tensor, budget: Hashable = None) -> Draft:
         B = last.shape[0]
         parents, _ = self._layout(B)
         T = parents.shape[1]

@@ -1,5 +1,6 @@
-"""The one decoding loop every strategy runs: propose a draft tree, run it in one forward,
-choose each node's token, verify, commit the accepted KV, let the drafter observe, stop.
+"""The one decoding loop every strategy runs: (for an adaptive drafter, choose the step's
+budget), propose a draft tree, run it in one forward, choose each node's token, verify, commit
+the accepted KV, let the drafter observe, stop.
 
 Exactness: the emitted tokens of a step are the predictions along the accepted path, so greedy
 decoding reproduces plain greedy decoding token for token, and sampling draws every emitted
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdecode.decoding.drafter import Drafter, History
+from fastdecode.decoding.budget import BudgetChooser
+from fastdecode.decoding.drafter import AdaptiveDrafter, Drafter, History
 from fastdecode.decoding.sampling import SamplingConfig, choose_tokens
 from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import verify_tree
@@ -27,9 +29,12 @@ class GenerateStats:
     steps: model forwards, the prefill included. new_tokens: tokens emitted over all rows.
     mean_accepted: mean tokens emitted per (row, step) while the row was running, the prefill
     included. accepted_hist: {tokens emitted in one step by one row: how often}.
-    forward_s: seconds in the model's forwards; overhead_s: everything else of the call (the
-    drafter, masks, verification, KV commits, bookkeeping). drafter: the drafter's counters
-    (for jacobi: pool lookups that found candidates, steps that accepted pool tokens, ...).
+    forward_s: seconds in the model's forwards (an adaptive drafter's probe forwards of a
+    model not timed before included); overhead_s: everything else of the call (the drafter,
+    the budget choice, masks, verification, KV commits, bookkeeping). drafter: the drafter's
+    counters (for jacobi: pool lookups that found candidates, steps that accepted pool tokens,
+    ...), and for an adaptive drafter under "auto" what the budget chooser chose per step and
+    the last cost curve it used.
     """
 
     steps: int = 0
@@ -46,35 +51,6 @@ class GenerateStats:
         return self.new_tokens / total if total > 0 else 0.0
 
 
-class _ForwardClock:
-    """Times model forwards: host time on the CPU, CUDA events on a GPU (read once at the end,
-    so timing adds no host sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host_s = 0.0
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def __call__(self, fn, *args):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*args)
-            end.record()
-            self.events.append((start, end))
-            return out
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.host_s += time.perf_counter() - t0
-        return out
-
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
-        return self.host_s
-
-
 @torch.no_grad()
 def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
            attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
@@ -84,12 +60,14 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
 
     Returns ``sequences [B, L + n]`` (the prompts as given, then each row's new tokens, rows
     that stopped early padded with ``pad_id``; n is the longest row's count) and the stats.
-    A row stops after an EOS token (kept) or ``max_new_tokens`` tokens.
+    A row stops after an EOS token (kept) or ``max_new_tokens`` tokens. For an
+    :class:`AdaptiveDrafter` every step's budget is chosen from its options on the runner's
+    measured step costs (:class:`~fastdecode.decoding.budget.BudgetChooser`).
     """
     t_call = time.perf_counter()
     device = input_ids.device
     B, L = input_ids.shape
-    clock = _ForwardClock(device)
+    chooser = BudgetChooser() if isinstance(drafter, AdaptiveDrafter) else None
     stats = GenerateStats()
     hist: Counter = Counter()
     seq = torch.full((B, L + max_new_tokens + 1), pad_id, dtype=torch.int64, device=device)
@@ -116,11 +94,11 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
 
     scratch = seq.shape[1] - 1  # a column past every output, for writes that are dropped
 
-    def emit(rows: list[list[int]], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def emit(rows: list[list[int]], tokens: torch.Tensor) -> History:
         """Appends each running row's tokens (``rows`` on the host, the same ``tokens [B, W]``
-        on the device) up to EOS or the budget. Returns where each row's new tokens start
-        and end in ``seq`` (device ``[B]`` tensors), with one host-to-device copy."""
-        before, counts = [], []
+        on the device) up to EOS or the budget, with one host-to-device copy. Returns the
+        history with this step's tokens."""
+        before, counts, kept = [], [], []
         for b, toks in enumerate(rows):
             take = [] if done[b] else toks[: max_new_tokens - produced[b]]
             for i, t in enumerate(take):
@@ -129,6 +107,7 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
                     break
             before.append(L + produced[b])
             counts.append(len(take))
+            kept.append(take)
             if not done[b]:
                 produced[b] += len(take)
                 done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
@@ -138,17 +117,21 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         cols = torch.where(width < meta[1, :, None], meta[0, :, None] + width, scratch)
         seq.scatter_(1, cols, tokens)
         stream()
-        return meta[0], meta[0] + meta[1]
+        return History(seq, runner.kv_start, meta[0], meta[0] + meta[1], kept)
 
     if max_new_tokens > 0:
-        logits = clock(runner.prefill, input_ids, attention_mask)
+        logits = runner.prefill(input_ids, attention_mask)
         stats.steps = 1
         last = choose_tokens(logits[:, None], sampling, generator)[:, 0]
-        _, end = emit([[t] for t in last.tolist()], last[:, None])
-        drafter.start(History(seq, runner.kv_start, torch.full_like(end, L), end))
+        first = emit([[t] for t in last.tolist()], last[:, None])
+        drafter.start(first._replace(new_from=torch.full_like(first.end, L)))
     while not all(done):
-        draft = drafter.propose(last)
-        logits = clock(runner.forward, draft.tokens, draft.parents)
+        budget = None
+        if chooser is not None:
+            curve = runner.step_costs(last[:, None])
+            budget = chooser.choose(curve, drafter.options(curve))
+        draft = drafter.propose(last, budget)
+        logits = runner.forward(draft.tokens, draft.parents)
         stats.steps += 1
         predicted = choose_tokens(logits, sampling, generator)
         result = verify_tree(draft.tokens, draft.verify_parents, predicted,
@@ -156,10 +139,10 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         count = result.accept_len + 1
         host = torch.cat([count[:, None], result.tokens], dim=1).tolist()  # the step's one sync
         lengths = [row[0] for row in host]
-        new_from, end = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens)
+        history = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens)
         runner.commit(result.path, count, lengths)
         last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]
-        drafter.observe(draft, logits, result, History(seq, runner.kv_start, new_from, end))
+        drafter.observe(draft, logits, result, history)
     if max_new_tokens > 0:
         drafter.finish()
     if streamer is not None:
@@ -170,7 +153,9 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
     stats.accepted_hist = dict(sorted(hist.items()))
     runs = sum(hist.values())
     stats.mean_accepted = sum(k * v for k, v in hist.items()) / runs if runs else 0.0
-    stats.forward_s = clock.seconds()
+    stats.forward_s = runner.forward_s
     stats.overhead_s = time.perf_counter() - t_call - stats.forward_s
     stats.drafter = drafter.stats()
+    if chooser is not None:
+        stats.drafter["auto"] = {**stats.drafter.get("auto", {}), **chooser.stats()}
     return seq[:, : L + max(produced, default=0)], stats

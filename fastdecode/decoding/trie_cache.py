@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -20,7 +21,8 @@ from fastdecode._backend import BackendUnavailableError
 from fastdecode.ops import _validate
 
 _MODES = {"hier": 0, "parallel": 1}
-_SOURCES = ("prompt", "output")
+_SOURCES = ("request", "shared")
+_OLD_SOURCES = {"prompt": "request", "output": "shared"}  # the names before 0.2, deprecated
 _NO_REQUEST = -1  # the native id of request_id=None (kNoRequest in csrc/trie/trie.h)
 
 TokensLike = Union[torch.Tensor, Sequence[int], "numpy.ndarray"]
@@ -89,6 +91,15 @@ def _choice(name: str, value: object, allowed: Iterable[str]) -> str:
     return value
 
 
+def _source(value: object) -> str:
+    """``source``, checked; an earlier name is mapped to its new one with a DeprecationWarning."""
+    if isinstance(value, str) and value in _OLD_SOURCES:
+        warnings.warn(f"source={value!r} is deprecated; use source={_OLD_SOURCES[value]!r}",
+                      DeprecationWarning, stacklevel=3)
+        return _OLD_SOURCES[value]
+    return _choice("source", value, _SOURCES)
+
+
 class TrieCache:
     """Token trie of trie-based lookahead decoding.
 
@@ -98,14 +109,16 @@ class TrieCache:
     with ``p``. Insertions stop at the first token of ``eos_token_ids``. Counts come from two
     sources:
 
-    * ``source="output"``: global counts shared by every request (generated tokens; warming the
+    * ``source="shared"``: global counts shared by every request (finished outputs; warming the
       trie with a corpus), so repeated workloads warm up;
-    * ``source="prompt"``: counts of one request (``request_id``), visible only to retrievals of
-      that request and released by :meth:`end_request`. Nodes holding a live prompt count are
-      never evicted.
+    * ``source="request"``: counts of one request (``request_id``: its prompt and its output so
+      far), visible only to retrievals of that request and released by :meth:`end_request`.
+      Nodes holding a live request count are never evicted.
 
-    **Ranking.** A request ranks a node by its own prompt count first, then by the global output
-    count (lexicographic: the design brief's ``(1 - w) * prompt + w * output`` with a tiny ``w``).
+    (``"prompt"`` and ``"output"``, the earlier names of the two sources, still work and warn.)
+
+    **Ranking.** A request ranks a node by its own request count first, then by the shared
+    count (lexicographic: a weighted sum ``(1 - w) * request + w * shared`` with a tiny ``w``).
     Nodes with neither count for the request (e.g. another request's prompt) are invisible to it.
 
     **Retrieval.** :meth:`retrieve` matches the last ``k`` context tokens as a path below the
@@ -118,22 +131,22 @@ class TrieCache:
     context is tried while the tree has fewer than ``min(max_depth, max_nodes - 1)`` drafts; the
     largest tree found wins (the longer context on ties). Siblings always carry distinct tokens,
     in both modes (sampling-exact verification needs it, see :func:`fastdecode.ops.verify_tree`):
-    unlike the reference's ``'par'`` layout, which repeats shared prefixes so that every
-    root-to-leaf path is its own branch, ``"parallel"`` keeps one chain per first token.
+    rather than repeating shared prefixes so that every root-to-leaf path is its own branch,
+    ``"parallel"`` keeps one chain per first token.
 
     **Memory.** At most ``max_nodes_total`` nodes exist at any time. Eviction is least recently
-    used (chosen over the reference's halving of counts: it bounds memory exactly, costs O(1) per
-    evicted node and needs no periodic pass), of leaves: every insertion refreshes its windows' paths (deepest node first, so a
-    parent is always more recent than its children) and a window that needs room first evicts
-    the least recently refreshed leaves. When live prompt counts fill the budget, windows are cut
-    short (``stats()["truncated_windows"]``); :meth:`end_request` unpins a request's nodes and
+    used (rather than halving every count from time to time: it bounds memory exactly, costs
+    O(1) per evicted node and needs no periodic pass), of leaves: every insertion refreshes its
+    windows' paths (deepest node first, so a parent is always more recent than its children)
+    and a window that needs room first evicts the least recently refreshed leaves. When live
+    request counts fill the budget, windows are cut short (``stats()["truncated_windows"]``); :meth:`end_request` unpins a request's nodes and
     deletes those left without counts. Counts saturate at 2^32 - 1 (no decay).
 
     **Threads.** Thread-safe: retrievals share a reader-writer lock, insertions and releases take
     it exclusively, and the GIL is released in every native call.
 
     **Persistence.** :meth:`save` writes a versioned, checksummed binary image (nodes, output
-    counts, live requests' prompt counts, recency order); :meth:`load` validates it completely
+    counts, live requests' request counts, recency order); :meth:`load` validates it completely
     and raises ``ValueError`` for any truncated, corrupted or inconsistent file.
 
     Args:
@@ -141,7 +154,7 @@ class TrieCache:
         decoding_length: :meth:`retrieve`'s default ``max_nodes`` (root included), <= 2048.
         branch_length: :meth:`retrieve`'s default ``max_depth``; windows hold
             ``match_len + branch_length`` tokens.
-        match_len: the most trailing context tokens matched (the brief's ``max_query_length``).
+        match_len: the most trailing context tokens matched.
         max_nodes_total: the node budget (default 2^20).
         eos_token_ids: insertions are cut at the first of these tokens.
     """
@@ -198,24 +211,24 @@ class TrieCache:
 
     # ---- updates ---------------------------------------------------------------------------
 
-    def insert(self, tokens: TokensLike, source: str = "prompt",
+    def insert(self, tokens: TokensLike, source: str = "request",
                request_id: int | None = None) -> None:
         """Inserts the windows of ``tokens`` (see the class doc).
 
         Args:
             tokens: 1-D int64 tensor, numpy array or list of ints, all in ``[0, vocab_size)``
                 (else ValueError, and nothing is inserted).
-            source: ``"prompt"`` (counts of ``request_id``) or ``"output"`` (global counts;
+            source: ``"request"`` (counts of ``request_id``) or ``"shared"`` (global counts;
                 ``request_id`` is not used).
             request_id: an int >= 0, or None for the default request.
         """
-        source = _choice("source", source, _SOURCES)
+        source = _source(source)
         rid = _request(request_id)
         t = _tokens("tokens", tokens)
-        self._trie.insert(t.data_ptr(), t.numel(), source == "prompt", rid)
+        self._trie.insert(t.data_ptr(), t.numel(), source == "request", rid)
 
     def end_request(self, request_id: int | None = None) -> int:
-        """Releases a request's prompt counts (nodes left without counts are deleted). Returns
+        """Releases a request's own counts (nodes left without counts are deleted). Returns
         the number of nodes it held; 0 for an unknown request."""
         return self._trie.end_request(_request(request_id))
 
@@ -246,7 +259,7 @@ class TrieCache:
                 ``[1, 2048]``.
             max_depth: depth limit below the root (default ``branch_length``), >= 0.
             mode: ``"hier"`` or ``"parallel"`` (see the class doc).
-            request_id: whose prompt counts rank the nodes (with the output counts).
+            request_id: whose request counts rank the nodes (with the shared counts).
 
         Returns:
             ``(draft_tokens, parents)``: int64 CPU tensors ``[T]``, ``1 <= T <= max_nodes``, in
@@ -308,14 +321,14 @@ class TrieCache:
 
     # ---- inspection ------------------------------------------------------------------------
 
-    def count(self, path: TokensLike, source: str = "output",
+    def count(self, path: TokensLike, source: str = "shared",
               request_id: int | None = None) -> int:
         """The count of the node at ``path`` below the root (how many windows began with
-        ``path``): the global output count, or ``request_id``'s prompt count; 0 if absent."""
-        source = _choice("source", source, _SOURCES)
+        ``path``): the shared count, or ``request_id``'s own count; 0 if absent."""
+        source = _source(source)
         rid = _request(request_id)
         t = _tokens("path", path)
-        return self._trie.count(t.data_ptr(), t.numel(), source == "prompt", rid)
+        return self._trie.count(t.data_ptr(), t.numel(), source == "request", rid)
 
     @property
     def num_nodes(self) -> int:
@@ -326,7 +339,7 @@ class TrieCache:
         return self.num_nodes
 
     def stats(self) -> dict[str, int]:
-        """``nodes``, ``pinned`` (holding a live prompt count), ``requests``, ``evictions``,
+        """``nodes``, ``pinned`` (holding a live request count), ``requests``, ``evictions``,
         ``truncated_windows``, ``windows`` (inserted), ``bytes`` (approximate heap size)."""
         return self._trie.stats()
 
@@ -355,7 +368,7 @@ class TrieCache:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the trie to ``path`` (through a temporary file, then an atomic rename):
-        settings, nodes with their output counts, the live requests' prompt counts and the
+        settings, nodes with their output counts, the live requests' request counts and the
         recency order. Format: magic ``FDTRIE\\x1a\\n``, version 1, a 64-byte header, the
         payload and a 64-bit checksum (``csrc/trie/trie_io.cpp``)."""
         path = Path(path)

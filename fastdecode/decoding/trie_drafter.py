@@ -8,6 +8,7 @@ requests), verifies it in one forward, and inserts what was generated.
 from __future__ import annotations
 
 import itertools
+from typing import Hashable
 
 import torch
 
@@ -57,9 +58,9 @@ class TrieDrafter:
         self.rids = [next(_request_ids) for _ in self.rows]
         self.window = self.trie.match_len + self.trie.branch_length
         for row, rid in zip(self.rows, self.rids):
-            self.trie.insert(row, source="prompt", request_id=rid)
+            self.trie.insert(row, source="request", request_id=rid)
 
-    def propose(self, last: torch.Tensor) -> Draft:
+    def propose(self, last: torch.Tensor, budget: Hashable = None) -> Draft:
         contexts = [row[-self.trie.match_len:] for row in self.rows]
         tokens, parents = self.trie.retrieve_batch(contexts, max_nodes=self.nodes,
                                                    max_depth=self.depth, mode=self.mode,
@@ -70,15 +71,12 @@ class TrieDrafter:
 
     def observe(self, draft: Draft, logits: torch.Tensor, result: VerifyResult,
                 history: History) -> None:
-        new_from, end = history.new_from.tolist(), history.end.tolist()
-        fresh = history.tokens.tolist()
-        for b, (row, rid) in enumerate(zip(self.rows, self.rids)):
-            new = fresh[b][new_from[b]:end[b]]
+        for row, rid, new in zip(self.rows, self.rids, history.new):
             if not new:
                 continue
             row.extend(new)
             # the windows that reach into the new tokens (earlier ones were inserted shorter)
-            self.trie.insert(row[-(len(new) + self.window - 1):], source="prompt", request_id=rid)
+            self.trie.insert(row[-(len(new) + self.window - 1):], source="request", request_id=rid)
         self.accepted += int(result.accept_len.sum())
         self.steps += 1
 
@@ -86,7 +84,7 @@ class TrieDrafter:
         """Adds each row's output (with the context it followed) to the trie's global counts,
         so that a kept cache warms up over repeated workloads, and releases the request."""
         for row, n, rid in zip(self.rows, self.prompt_len, self.rids):
-            self.trie.insert(row[max(0, n - self.trie.match_len):], source="output")
+            self.trie.insert(row[max(0, n - self.trie.match_len):], source="shared")
             self.trie.end_request(rid)
 
     def stats(self) -> dict:

@@ -10,10 +10,12 @@ A tree step appends its T tokens at rows ``S .. S+T-1`` for every batch row.
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple
+import time
+from typing import Callable, NamedTuple
 
 import torch
 
+from fastdecode.hf.step_costs import PROBE_TOKENS, StepCosts, costs_of
 from fastdecode.ops import compact_kv, pack_tree_mask, tree_mask, tree_positions
 
 SUPPORTED_ATTENTION = ("fastdecode", "sdpa", "eager")
@@ -64,12 +66,59 @@ def _new_cache(model) -> object:
         return DynamicCache()
 
 
+class _Clock:
+    """Times calls: the host clock on the CPU; on a GPU, CUDA events read once they have
+    completed (:meth:`poll` never waits), so timing adds no host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0  # every timed call whose time is known
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, Callable]] = []
+
+    def time(self, fn: Callable, record: Callable[[float], None]) -> object:
+        """Runs ``fn()``; ``record(seconds)`` is called once its time is known."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self._pending.append((start, end, record))
+            return out
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        record(seconds)
+        return out
+
+    def poll(self, wait: bool = False) -> None:
+        """Reads the events that have completed (all of them, after a sync, with ``wait``)."""
+        if wait and self._pending:
+            self._pending[-1][1].synchronize()
+        while self._pending and self._pending[0][1].query():
+            start, end, record = self._pending.pop(0)
+            seconds = start.elapsed_time(end) / 1e3
+            self.seconds += seconds
+            record(seconds)
+
+
+def _ignore(seconds: float) -> None:
+    return None
+
+
 class TreeRunner:
-    """One batch of sequences of one model: prefill, tree forwards and KV commits."""
+    """One batch of sequences of one model: prefill, tree forwards and KV commits.
+
+    The runner times its forwards: :attr:`forward_s` sums them (prefill included), and every
+    tree forward is added to the model's :class:`~fastdecode.hf.step_costs.StepCosts`, which
+    :meth:`step_costs` reads (a step budget's cost side)."""
 
     def __init__(self, model) -> None:
         check_model(model)
         self.model = model
+        device = model.get_output_embeddings().weight.device
+        self.costs: StepCosts = costs_of(model, device, model.dtype)
+        self._clock = _Clock(device)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # the prefill needs the last position's logits only: [B, L, V] would cost a vocabulary
@@ -86,15 +135,44 @@ class TreeRunner:
         """The cache's physical length S."""
         return max(self.kv_len_host)
 
+    def collect_timings(self) -> None:
+        """Hands the timings of every forward so far to :attr:`costs` (on a GPU this waits for
+        the forwards)."""
+        self._clock.poll(wait=True)
+
+    @property
+    def forward_s(self) -> float:
+        """Seconds in the model's forwards so far (on a GPU this waits for them)."""
+        self.collect_timings()
+        return self._clock.seconds
+
+    def step_costs(self, probe_token: torch.Tensor) -> list[tuple[int, float]]:
+        """``(tokens fed, seconds)`` of one forward at the current context, in increasing T (see
+        :mod:`fastdecode.hf.step_costs`). A model not timed before is probed first: one
+        chain-shaped forward of ``probe_token`` (int64 ``[B, 1]``) per size in
+        ``PROBE_TOKENS`` (the single token twice), each cropped off right away, so the output
+        cannot change."""
+        self._clock.poll()
+        if not self.costs.measured():
+            B, device = probe_token.shape[0], probe_token.device
+            for T in (1,) + PROBE_TOKENS:
+                parents = (torch.arange(T, device=device) - 1).expand(B, T).contiguous()
+                self.forward(probe_token.expand(B, T).contiguous(), parents)
+                self.cache.crop(-T)
+            self.collect_timings()
+        return self.costs.curve(self.seq_len)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Runs the left-padded prompts ``[B, L]`` (mask 1 on real tokens) and returns the last
         position's logits ``[B, V]``. The last prompt token's KV is kept, like any prefix."""
         B, L = input_ids.shape
         self.cache = _new_cache(self.model)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions, use_cache=True,
-                         **{self._cache_kw: self.cache}, **self._last_logits)
+        out = self._clock.time(
+            lambda: self.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=positions, use_cache=True,
+                               **{self._cache_kw: self.cache}, **self._last_logits),
+            _ignore)
         self.kv_start = (L - attention_mask.long().sum(-1)).to(input_ids.device)
         self.kv_len = torch.full((B,), L, dtype=torch.int64, device=input_ids.device)
         self.kv_len_host = [L] * B
@@ -112,9 +190,10 @@ class TreeRunner:
         """One forward of a draft tree per row: ``tokens``/``parents`` int64 ``[B, T]`` (node 0
         is each row's last token, whose KV is not cached yet). Node j sits at position
         ``len(row) + depth(j)`` and attends to the row's prefix and its own ancestors. Returns
-        logits ``[B, T, V]``; the cache grows by T rows."""
+        logits ``[B, T, V]``; the cache grows by T rows. Its time goes to :attr:`costs`."""
         B, T = tokens.shape
         S = self.seq_len
+        self._clock.poll()
         _, mask, packed = self._tree_masks(parents)
         positions = tree_positions(parents, self.kv_len - self.kv_start, validate=False)
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "position_ids": positions}
@@ -127,7 +206,8 @@ class TreeRunner:
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             additive = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
             kwargs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-        return self.model(input_ids=tokens, **kwargs).logits
+        return self._clock.time(lambda: self.model(input_ids=tokens, **kwargs).logits,
+                                lambda seconds: self.costs.add(S, T, seconds))
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, count_host: list[int]) -> None:
         """Keeps, per row, the KV of the tree nodes ``path[b, :count[b]]`` (root first), moved

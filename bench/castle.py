@@ -7,7 +7,7 @@ against 16 standard heads, D=128), SDPA causal with 16 heads, the blocked plain-
 implementation (the ``torch`` backend; "castle torch (blocked)" on CUDA) up to
 ``reference_max_L``, and the PyPI package ``lookahead-keys-attention`` when it is installed
 (its whole layer against ``fastdecode.nn.CastleAttention``'s, at L <= 2048). Each row reports
-the median time, TFLOP/s by the design brief's FLOP count (CASTLE forward ``L^2 (5D + 64)``
+the median time, TFLOP/s by a fixed FLOP count (CASTLE forward ``L^2 (5D + 64)``
 and backward ``L^2 (16D + 192)`` per batch row and head; causal SDPA ``2 L^2 D`` and
 ``5 L^2 D``) and, on CUDA, the peak memory the call allocates beyond its inputs.
 
@@ -51,7 +51,7 @@ from _report import RESULTS, device_name, device_slug, fmt_us
 from _timing import Plan, Timing, capture_graph, cuda_clock, host_clock, measure
 
 NAME = "castle"
-BRIEF_BLOCK = 64  # the block size in the brief's FLOP formulas
+FLOP_BLOCK = 64  # the block size the FLOP formulas assume
 PACKAGE = "lookahead_keys_attention"
 
 
@@ -81,8 +81,8 @@ def setup(device: torch.device, quick: bool) -> Setup:
 
 
 def castle_flops(B: int, H: int, L: int, D: int, backward: bool) -> float:
-    fwd = B * H * L * L * (5 * D + BRIEF_BLOCK)
-    return fwd + (B * H * L * L * (16 * D + 3 * BRIEF_BLOCK) if backward else 0)
+    fwd = B * H * L * L * (5 * D + FLOP_BLOCK)
+    return fwd + (B * H * L * L * (16 * D + 3 * FLOP_BLOCK) if backward else 0)
 
 
 def sdpa_flops(B: int, H: int, L: int, D: int, backward: bool) -> float:
@@ -372,7 +372,7 @@ def markdown(report: dict) -> str:
         f"{report['fastdecode']}, {report['date']}; {report['note']}",
         "",
         f"{s['dtype']}, B={s['B']}, D={s['D']}; parameter parity is {s['heads_parity']} CASTLE "
-        f"heads against {s['heads_std']} standard heads. TFLOP/s by the design brief's counts "
+        f"heads against {s['heads_std']} standard heads. TFLOP/s by fixed FLOP counts "
         "(CASTLE fwd L²(5D+64), bwd L²(16D+192); causal SDPA fwd 2L²D, bwd 5L²D). "
         f"lookahead-keys-attention: {report['package'] or 'not installed'}."
         + (f" Skipped for the time budget: {', '.join(report['skipped_for_time'])}."

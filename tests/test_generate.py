@@ -152,7 +152,8 @@ def test_stats_are_consistent():
     (dict(attention_mask=torch.ones(1, 4, dtype=torch.int64)), ValueError,
      r"attention_mask must have the shape of input_ids \(1, 6\), found \(1, 4\)"),
     (dict(attention_mask=torch.zeros(1, 6, dtype=torch.int64)), ValueError, "no tokens"),
-    (dict(strategy="beam"), ValueError, "strategy must be one of greedy, sample, jacobi"),
+    (dict(strategy="beam"), ValueError,
+     "strategy must be one of plain, jacobi, trie, prompt_lookup, greedy, sample, found 'beam'"),
     (dict(temperature=0.0, do_sample=True), ValueError, "temperature must be > 0"),
     (dict(top_p=1.5, do_sample=True), ValueError, r"top_p must be None or in \(0, 1\]"),
     (dict(config="fast"), ValueError, "config must be None or 'auto'"),
@@ -163,6 +164,23 @@ def test_bad_arguments(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         fastdecode.generate(model, torch.full((1, 6), 5, dtype=torch.int64), **args)
+
+
+def test_plain_and_its_shorthands():
+    """strategy names how a step drafts; "greedy" and "sample" are "plain" with do_sample False
+    and True; "greedy" with do_sample=True samples, as before, and warns."""
+    model = tiny("llama", seed=6)
+    ids = torch.full((1, 6), 5, dtype=torch.int64)
+
+    def run(**kw) -> torch.Tensor:
+        return fastdecode.generate(model, ids, max_new_tokens=12, eos_token_id=[],
+                                   generator=torch.Generator().manual_seed(3), **kw).sequences
+
+    assert torch.equal(run(strategy="plain"), run(strategy="greedy"))
+    sampled = run(strategy="plain", do_sample=True)
+    assert torch.equal(sampled, run(strategy="sample"))
+    with pytest.warns(DeprecationWarning, match="strategy='greedy' with do_sample=True samples"):
+        assert torch.equal(run(strategy="greedy", do_sample=True), sampled)
 
 
 def test_models_that_cannot_take_tree_masks_are_named():

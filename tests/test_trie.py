@@ -1,7 +1,7 @@
-"""TrieCache: the brief's worked example, a pure-Python oracle (a Counter of window prefixes) over
-random insert / end_request / retrieve sequences, the node budget under heavy insertion,
-concurrent inserts and retrievals from 8 threads with exact counts, save/load (round trip,
-every truncation, every flipped byte, hand-made inconsistent files) and bad arguments."""
+"""TrieCache: a worked example of four sentences, a pure-Python oracle (a Counter of window
+prefixes) over random insert / end_request / retrieve sequences, the node budget under heavy
+insertion, concurrent inserts and retrievals from 8 threads with exact counts, save/load (round
+trip, every truncation, every flipped byte, hand-made inconsistent files) and bad arguments."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def example_trie(**kw):
     return trie
 
 
-def test_brief_worked_example():
+def test_worked_example():
     trie = example_trie()
     tokens, parents = trie.retrieve(torch.tensor([THE, CAT]))
     assert tokens.tolist() == [CAT, SAT, ON, THE, DOWN, DOT, IS, BLACK]

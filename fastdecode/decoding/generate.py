@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,11 @@ from fastdecode.decoding.loop import GenerateStats, decode
 from fastdecode.decoding.sampling import SamplingConfig
 from fastdecode.hf.model import TreeRunner
 
-STRATEGIES = ("greedy", "sample", "jacobi", "trie", "prompt_lookup")
-FIXED_DEFAULTS = (7, 5, 7)  # (W, N, G): the brief's balanced setting
-AUTO_BOUNDS = (7, 10, 8)  # long candidates pay off where the output copies the prompt
+DRAFTING = ("plain", "jacobi", "trie", "prompt_lookup")  # how a step drafts; sampling is do_sample
+# Shorthands for plain decoding that also say how tokens are chosen.
+PLAIN_SHORTHANDS = {"greedy": False, "sample": True}  # strategy: do_sample
+JACOBI_DEFAULTS = (7, 5, 7)  # (W, N, G): a window as wide as the candidates are many
+JACOBI_AUTO_BOUNDS = (7, 10, 8)  # long candidates pay off where the output copies the prompt
 TRIE_DEFAULTS = (16, 8)  # (decoding_length, branch_length)
 TRIE_AUTO_BOUNDS = (64, 12)
 
@@ -93,16 +96,17 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             interface, with ``attn_implementation`` "sdpa", "eager" or "fastdecode".
         input_ids: int64 ``[B, L]`` prompts on the model's device; padded rows need
             ``attention_mask`` (left padding as transformers expects; right padding is moved).
-        strategy: "greedy" and "sample" (plain decoding, one token a step), "jacobi"
+        strategy: how a step drafts: "plain" (no drafts, one token a step), "jacobi"
             (lookahead decoding: a W x (N-1) Jacobi window and an n-gram pool), "trie"
             (multi-branch drafts retrieved from a token trie of the prompt and output) or
             "prompt_lookup" (the trie's best single chain); the last three verify several
-            tokens a step, greedily or sampling as ``do_sample`` says.
+            tokens a step. Each chooses tokens greedily or by sampling as ``do_sample`` says.
+            "greedy" and "sample" are shorthands for "plain" with ``do_sample`` False and
+            True ("greedy" with ``do_sample=True`` samples and warns).
         max_new_tokens: the most new tokens per row.
         eos_token_id: token(s) that end a row (kept in the output); default: the model's
             generation config.
-        do_sample, temperature, top_k, top_p, generator: sampling (``strategy="sample"``
-            implies ``do_sample=True``). Every emitted token is drawn from the processed
+        do_sample, temperature, top_k, top_p, generator: sampling. Every emitted token is drawn from the processed
             distribution; seeded runs are reproducible but not token-identical to
             transformers' sampling.
         window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0 (default 7, 5, 7; with
@@ -127,20 +131,27 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     Returns:
         :class:`GenerateOutput` with ``sequences`` and ``stats``.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, found {strategy!r}")
+    names = DRAFTING + tuple(PLAIN_SHORTHANDS)
+    if strategy not in names:
+        raise ValueError(f"strategy must be one of {', '.join(names)}, found {strategy!r}")
+    if strategy == "greedy" and do_sample:
+        warnings.warn("strategy='greedy' with do_sample=True samples; pass strategy='plain' "
+                      "with do_sample=True (or strategy='sample') instead", DeprecationWarning,
+                      stacklevel=2)
+    drafting = "plain" if strategy in PLAIN_SHORTHANDS else strategy
+    do_sample = do_sample or PLAIN_SHORTHANDS.get(strategy, False)
     _int("max_new_tokens", max_new_tokens, 0)
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
-    if config == "auto" and strategy not in ("jacobi", "trie"):
+    if config == "auto" and drafting not in ("jacobi", "trie"):
         raise ValueError(f"config='auto' applies to strategy 'jacobi' or 'trie', found {strategy!r}")
     auto = config == "auto"
     decoding_length, branch_length = _settings(
         dict(decoding_length=decoding_length, branch_length=branch_length),
         TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
     W, N, G = _settings(dict(window=window, ngram=ngram, guesses=guesses),
-                        AUTO_BOUNDS if auto else FIXED_DEFAULTS, (1, 2, 0))
-    sampling = SamplingConfig(do_sample=do_sample or strategy == "sample", temperature=temperature,
+                        JACOBI_AUTO_BOUNDS if auto else JACOBI_DEFAULTS, (1, 2, 0))
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature,
                               top_k=top_k, top_p=top_p)
     runner = TreeRunner(model)
     gen_cfg = getattr(model, "generation_config", None)
@@ -159,26 +170,26 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
         raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab})")
 
     drafter: Drafter
-    if strategy == "jacobi" and config == "auto":
+    if drafting == "jacobi" and config == "auto":
         from fastdecode.decoding.auto_jacobi import AutoJacobi
 
         drafter = AutoJacobi(model.config.vocab_size, W, N, G,
                              pool_from_prompt=pool_from_prompt, generator=generator)
-    elif strategy == "jacobi":
+    elif drafting == "jacobi":
         from fastdecode.decoding.jacobi import JacobiDrafter
 
         drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
                                 generator=generator)
-    elif strategy == "trie" and config == "auto":
+    elif drafting == "trie" and config == "auto":
         from fastdecode.decoding.auto_trie import AutoTrie
 
         drafter = AutoTrie(model.config.vocab_size, decoding_length, branch_length,
                            cache=trie_cache)
-    elif strategy in ("trie", "prompt_lookup"):
+    elif drafting in ("trie", "prompt_lookup"):
         from fastdecode.decoding.trie_drafter import TrieDrafter
 
         drafter = TrieDrafter(model.config.vocab_size, decoding_length, branch_length,
-                              cache=trie_cache, single_branch=strategy == "prompt_lookup")
+                              cache=trie_cache, single_branch=drafting == "prompt_lookup")
     else:
         drafter = NoDraft()
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,

@@ -1,5 +1,8 @@
-"""The only transformers-aware code: the ``fastdecode`` attention implementation and running a
-causal LM one draft tree at a time. Importing this package registers the attention."""
+"""The transformers layer: the ``fastdecode`` attention implementation, running a causal LM one
+draft tree at a time (with its measured step costs), structured FFNs and CPU linears for
+transformers models. Importing this package registers the attention. ``fastdecode.ops`` and
+``fastdecode.nn`` never import transformers; besides this package, ``fastdecode.decoding``
+(``generate``) and ``fastdecode.models`` (``load_default``) do."""
 
 from fastdecode.hf.attention import register
 from fastdecode.hf.cpu_linears import CpuLinears, use_cpu_linears

@@ -1,0 +1,1 @@
+"""Adapters that plug fastdecode into other serving engines."""

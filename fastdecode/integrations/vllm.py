@@ -1,0 +1,408 @@
+"""fastdecode's token trie as the drafter of vLLM's speculative decoding, through vLLM's
+``custom_class`` hook::
+
+    LLM(model, speculative_config={"method": "custom_class",
+                                   "model": "fastdecode.integrations.vllm.TrieProposer",
+                                   "num_speculative_tokens": 8})
+
+vLLM (v1) builds the class with its ``VllmConfig`` and, after each step's sampling, its GPU model
+runner calls :meth:`TrieProposer.propose` with the batch's tokens, then verifies the returned
+chains in the next step. Nothing here imports vLLM: the configuration is read by attribute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fastdecode import _native
+from fastdecode.decoding.budget import BudgetChooser, Option
+from fastdecode.decoding.trie_cache import TrieCache
+from fastdecode.ops import _validate
+
+TOKEN_COST_ENV = "FASTDECODE_VLLM_TOKEN_COST"
+_MISSING = object()
+
+
+def _attr(obj: object, path: str) -> object:
+    """``obj.<path>`` (a dotted path), or ``_MISSING`` where a link is absent or None."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return _MISSING
+    return obj
+
+
+def _vocab_size(vllm_config: object) -> int:
+    get = _attr(vllm_config, "model_config.get_vocab_size")
+    if callable(get):
+        field, value = "model_config.get_vocab_size()", get()
+    else:
+        field = "model_config.hf_config.vocab_size"
+        value = _attr(vllm_config, field)
+    if value is _MISSING or value is None:
+        raise ValueError("vllm_config gives no vocabulary size: expected an int from "
+                         "model_config.get_vocab_size() or model_config.hf_config.vocab_size, "
+                         "found neither")
+    return _validate.integer(f"vllm_config.{field}", value, 1, 2**31 - 1)
+
+
+def _host(name: str, x: object) -> np.ndarray:
+    """``x`` (a numpy array, a torch tensor on any device, or a list) as a numpy array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a numpy array, torch tensor or list, "
+                        f"found {type(x).__name__}") from None
+
+
+class _Lookup:
+    """A chain retrieved after a request's first ``at`` tokens, scored against the tokens that
+    came next: ``matched`` of its drafts agree with them; ``final`` once one disagrees or the
+    chain is used up. ``drafting``: retrieved where the request may draft (only those lookups
+    teach the acceptance estimate)."""
+
+    __slots__ = ("chain", "matched", "seen", "final", "drafting")
+
+    def __init__(self, chain: list[int], drafting: bool) -> None:
+        self.chain, self.drafting = chain, drafting
+        self.matched = self.seen = 0
+        self.final = False
+
+    def advance(self, new: list[int]) -> None:
+        self.seen += len(new)
+        for t in new:
+            if self.final:
+                return
+            if t == self.chain[self.matched]:
+                self.matched += 1
+                self.final = self.matched == len(self.chain)
+            else:
+                self.final = True
+
+    def followed(self) -> bool:
+        """Whether every token out since the retrieval (at least one) agreed with the chain,
+        as far as it reaches."""
+        return self.seen > 0 and self.matched == min(self.seen, len(self.chain))
+
+
+class _Request:
+    """What the proposer holds for one request, in whichever row holds it: the tokens inserted
+    into its request-local counts (``tokens[:n]``, int32), where its prompt ended, its
+    acceptance estimate (decayed sums over scored lookups: ``gain[L]`` the drafts a draft of
+    length L would have had accepted, ``weight`` of 1), its lookups awaiting their outcome,
+    the newest one, and the length of its last draft."""
+
+    __slots__ = ("rid", "tokens", "n", "prompt_len", "gain", "weight", "pending", "newest",
+                 "draft_len")
+
+    def __init__(self, rid: int, tokens: np.ndarray, prompt_len: int, k: int) -> None:
+        self.rid, self.n, self.prompt_len = rid, len(tokens), prompt_len
+        self.tokens = np.empty(max(64, 2 * len(tokens)), dtype=np.int32)
+        self.tokens[:self.n] = tokens
+        self.gain = [0.0] * (k + 1)
+        self.weight = 0.0
+        self.pending: list[_Lookup] = []
+        self.newest: _Lookup | None = None
+        self.draft_len = 0
+
+    def prefix_of(self, row: np.ndarray, n: int) -> bool:
+        """Whether the inserted tokens are exactly the first ``self.n`` of ``row[:n]``."""
+        return self.n <= n and np.array_equal(self.tokens[:self.n], row[:self.n])
+
+    def extend(self, new: np.ndarray) -> None:
+        end = self.n + len(new)
+        if end > len(self.tokens):
+            grown = np.empty(2 * end, dtype=np.int32)
+            grown[:self.n] = self.tokens[:self.n]
+            self.tokens = grown
+        self.tokens[self.n:end] = new
+        self.n = end
+
+
+class TrieProposer:
+    """vLLM's drafter from fastdecode's :class:`~fastdecode.decoding.TrieCache`: each step it
+    drafts, per row of the batch, a chain of at most ``num_speculative_tokens`` tokens that the
+    trie predicts after the row's text, or nothing where drafting does not pay.
+
+    **The trie.** One :class:`TrieCache` (``self.trie``, ``MAX_NODES_TOTAL`` nodes, least
+    recently used eviction) holds the *shared* counts (every finished request's output, with
+    the prompt tokens it followed) and, per live request, its *request-local* counts (its prompt
+    and output so far), visible only to that request's retrievals. Retrieval ranks a request's
+    own counts first. The whole batch is retrieved in one native call that releases the GIL; a
+    row's draft is the best chain of the ``"parallel"`` tree (the first chain, from the root's
+    first child), cut at the chosen length and at the room left below ``max_model_len``.
+
+    **Requests without request ids.** vLLM passes rows, not requests, and reuses and reorders
+    rows as requests finish, join and are preempted. The proposer keeps, per request, the tokens
+    it inserted into that request's counts, and a row holds the same request exactly when those
+    tokens are a prefix of ``token_ids_cpu[row, :num_tokens_no_spec[row]]`` (a numpy comparison
+    of the whole prefix, every step). A row whose tokens do not start with its request's tokens
+    (a new request in the row, a reordered batch, a preempted request starting over) detaches
+    that request; a row without a request takes a detached request whose tokens are a prefix of
+    its own (found by its length before this step's tokens and its last token, then compared in
+    full) or else starts a new request from its current tokens. A detached request taken by no
+    row ends: its output goes to the shared counts, then its request-local counts are released.
+    Since a trie's content depends only on the tokens inserted, a request whose tokens are a
+    prefix of a row's holds exactly the counts a fresh start would insert: no row is ever
+    served another request's counts. Rows whose sampled list is empty (prefilling, or unused)
+    get no draft and cost the comparison only; rows past the batch are detached.
+
+    **How much to draft.** vLLM owns the forward, so a documented cost model stands in for
+    timings: a forward of T tokens per row costs ``1 + c * (T - 1)`` single-token steps, with
+    ``c = TOKEN_COST`` (environment: ``FASTDECODE_VLLM_TOKEN_COST``; about 0.1 on a GPU,
+    where a few more tokens per row cost little). Each step's chain is scored as the row's next
+    tokens come out: where its first m drafts agree with them, a draft of its first d tokens
+    has ``min(m, d)`` accepted (what vLLM reports back as ``len(sampled) - 1``), so one chain
+    tells what every draft length would have had accepted, without another forward. Per
+    request, a decayed (``DECAY``) sum of that per draft length, over the lookups of steps that
+    may draft, prices each length with :class:`~fastdecode.decoding.budget.BudgetChooser`
+    against drafting nothing. A step may draft only where the row follows the trie (its previous
+    draft was fully accepted, or its tokens since the previous lookup all followed that chain)
+    or the trie offers a single continuation; elsewhere the row gets ``[]``. Until one of its
+    lookups has been scored, a request that may draft drafts the whole chain.
+
+    Settings (class attributes): ``TOKEN_COST`` (c above), ``MATCH_LEN`` (the most trailing
+    tokens a retrieval matches), ``MAX_NODES_TOTAL`` (the trie's node budget, about 190 bytes a
+    node), ``DECAY`` (the estimate's weight of its past per scored lookup).
+
+    Args:
+        vllm_config: vLLM's ``VllmConfig``; read: ``speculative_config.num_speculative_tokens``
+            (the most drafts per row, k), the vocabulary size from
+            ``model_config.get_vocab_size()`` (else ``model_config.hf_config.vocab_size``) and
+            ``scheduler_config.max_num_seqs`` where present.
+    """
+
+    TOKEN_COST = 0.1
+    MATCH_LEN = 2
+    MAX_NODES_TOTAL = 1 << 20
+    DECAY = 0.8
+
+    def __init__(self, vllm_config: object) -> None:
+        field = "vllm_config.speculative_config.num_speculative_tokens"
+        k = _attr(vllm_config, "speculative_config.num_speculative_tokens")
+        if k is _MISSING:
+            raise ValueError(f"{field} is missing: expected an int >= 1 (the most draft tokens "
+                             "per step)")
+        limit = _native._C.trie_max_branch_length if _native.cpu_built() else None
+        self.k = _validate.integer(field, k, 1, limit)
+        self.vocab_size = _vocab_size(vllm_config)
+        rows = _attr(vllm_config, "scheduler_config.max_num_seqs")
+        rows = 0 if rows is _MISSING else _validate.integer(
+            "vllm_config.scheduler_config.max_num_seqs", rows, 1)
+        self.token_cost = self._token_cost()
+        self.trie = TrieCache(self.vocab_size, decoding_length=self.k + 2, branch_length=self.k,
+                              match_len=self.MATCH_LEN, max_nodes_total=self.MAX_NODES_TOTAL)
+        self.chooser = BudgetChooser()
+        self._curve = [(1, 1.0), (2, 1.0 + self.token_cost)]
+        self._window = self.trie.match_len + self.trie.branch_length
+        self._rows: list[_Request | None] = [None] * rows
+        self._rids = itertools.count()
+        self._started = self._steps = self._drafted = self._accepted = 0
+
+    @classmethod
+    def _token_cost(cls) -> float:
+        raw = os.environ.get(TOKEN_COST_ENV)
+        if raw is None:
+            name, value = f"{cls.__name__}.TOKEN_COST", cls.TOKEN_COST
+        else:
+            name = TOKEN_COST_ENV
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{TOKEN_COST_ENV} must be a number >= 0, found {raw!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, found {value!r}")
+        return float(value)
+
+    def load_model(self, *args: object, **kwargs: object) -> None:
+        """vLLM's hook to load a draft model; the trie needs none."""
+
+    def propose(self, sampled_token_ids: Sequence[Sequence[int] | None],
+                num_tokens_no_spec: np.ndarray | Sequence[int] | torch.Tensor,
+                token_ids_cpu: np.ndarray | torch.Tensor,
+                slot_mappings: object = None) -> list[list[int]]:
+        """This step's drafts, one chain per row of the batch.
+
+        Args:
+            sampled_token_ids: B rows (lists, numpy arrays or 1-D tensors of ints): the tokens
+                each row got this step (empty, or None, for a row still prefilling or unused).
+            num_tokens_no_spec: ``[>= B]`` ints: row i's valid token count.
+            token_ids_cpu: ``[>= B, max_model_len]`` integer array (vLLM: numpy int32): each
+                row's prompt then output, this step's tokens included.
+            slot_mappings: vLLM's KV-cache slots; not used.
+
+        Returns:
+            B lists of python ints, each at most ``num_speculative_tokens`` long (``[]``: no
+            draft for the row).
+        """
+        tokens = _host("token_ids_cpu", token_ids_cpu)
+        counts = _host("num_tokens_no_spec", num_tokens_no_spec)
+        B = len(sampled_token_ids)
+        if tokens.ndim != 2 or tokens.shape[0] < B or counts.ndim != 1 or counts.shape[0] < B:
+            raise ValueError(f"propose got {B} rows, token_ids_cpu of shape {tokens.shape} and "
+                             f"num_tokens_no_spec of shape {counts.shape}: expected [>= {B}, L] "
+                             f"and [>= {B}]")
+        if len(self._rows) < B:
+            self._rows += [None] * (B - len(self._rows))
+        detached: dict[tuple[int, int], list[_Request]] = {}
+
+        def detach(req: _Request) -> None:
+            detached.setdefault((req.n, int(req.tokens[req.n - 1])), []).append(req)
+
+        for i in range(B, len(self._rows)):
+            if self._rows[i] is not None:
+                detach(self._rows[i])
+                self._rows[i] = None
+        active = []  # (row, tokens sampled, valid tokens)
+        for i in range(B):
+            n, req = int(counts[i]), self._rows[i]
+            if req is not None and not req.prefix_of(tokens[i], n):
+                detach(req)
+                self._rows[i] = req = None
+            sampled = sampled_token_ids[i]
+            sampled = 0 if sampled is None else len(sampled)
+            if sampled and 0 < n <= tokens.shape[1]:
+                active.append((i, sampled, n))
+        for i, sampled, n in active:
+            if self._rows[i] is None and n > sampled:
+                self._rows[i] = self._take(detached, tokens[i], n, n - sampled)
+        for group in detached.values():
+            for req in group:
+                self._end(req)
+
+        drafts: list[list[int]] = [[] for _ in range(B)]
+        rows, contexts, following = [], [], []
+        for i, sampled, n in active:
+            req = self._rows[i]
+            req = self._start(tokens[i], n, sampled) if req is None else self._update(
+                req, tokens[i], n)
+            self._rows[i] = req
+            if req is None:
+                continue
+            drafted, req.draft_len = req.draft_len, 0
+            self._drafted += drafted
+            self._accepted += min(sampled - 1, drafted)
+            if n >= tokens.shape[1]:
+                continue
+            rows.append((i, n))
+            contexts.append(req.tokens[max(0, n - self.trie.match_len):n].astype(np.int64))
+            following.append(0 < drafted <= sampled - 1
+                             or (req.newest is not None and req.newest.followed()))
+        self._steps += 1
+        if not rows:
+            return drafts
+        tree_tokens, parents = self.trie.retrieve_batch(
+            contexts, max_nodes=self.k + 2, max_depth=self.k, mode="parallel",
+            request_ids=[self._rows[i].rid for i, _ in rows])
+        for (i, n), toks, pars, follows in zip(rows, tree_tokens.tolist(), parents.tolist(),
+                                               following):
+            req = self._rows[i]
+            end = 1
+            while end < len(pars) and pars[end] == end - 1:
+                end += 1
+            chain = toks[1:end]
+            req.newest = None
+            if not chain:
+                continue
+            single = 0 not in pars[end:]
+            may = follows or single
+            req.newest = look = _Lookup(chain, may)
+            if may:
+                length = self.chooser.choose(self._curve, self._options(req, len(chain)))
+                drafts[i] = chain[:min(length, tokens.shape[1] - n)]
+                req.draft_len = len(drafts[i])
+            req.pending.append(look)
+        return drafts
+
+    def _options(self, req: _Request, longest: int) -> list[Option]:
+        """Drafting nothing, and each length up to ``longest`` with its expected tokens from the
+        request's estimate (its pending lookups counted with what they matched so far), but for
+        lengths that would have had no more drafts accepted than one token shorter (they cost
+        more for the same tokens); before any lookup has been scored, the whole chain alone."""
+        weight, gain = req.weight, list(req.gain)
+        for look in req.pending:
+            if look.drafting and look.seen:
+                weight, gain = self._scored(weight, gain, look.matched)
+        if not weight:
+            return [Option(longest, f"drafts={longest}", 1.0, 1.0 + longest)]
+        return [Option(0, "drafts=0", 1.0, 1.0)] + [
+            Option(n, f"drafts={n}", 1.0 + gain[n] / weight, 1.0 + n)
+            for n in range(1, longest + 1) if gain[n] > gain[n - 1]]
+
+    def _scored(self, weight: float, gain: list[float], matched: int) -> tuple[float, list[float]]:
+        """The estimate with one more lookup that had ``matched`` drafts confirmed."""
+        d = self.DECAY
+        return d * weight + 1.0, [d * g + min(matched, n) for n, g in enumerate(gain)]
+
+    def _take(self, detached: dict[tuple[int, int], list[_Request]], row: np.ndarray, n: int,
+              before: int) -> _Request | None:
+        """The detached request whose tokens are the first ``before`` of ``row[:n]``, if any
+        (removed from ``detached``)."""
+        group = detached.get((before, int(row[before - 1])), [])
+        for j, req in enumerate(group):
+            if req.prefix_of(row, n):
+                del group[j]
+                return req
+        return None
+
+    def _start(self, row: np.ndarray, n: int, sampled: int) -> _Request | None:
+        """A new request holding ``row[:n]`` (the prompt: all but this step's tokens), or None
+        for tokens outside the vocabulary."""
+        if int(row[:n].min()) < 0 or int(row[:n].max()) >= self.vocab_size:
+            return None
+        req = _Request(next(self._rids), row[:n], max(0, n - sampled), self.k)
+        self.trie.insert(req.tokens[:n].astype(np.int64), source="request", request_id=req.rid)
+        self._started += 1
+        return req
+
+    def _update(self, req: _Request, row: np.ndarray, n: int) -> _Request | None:
+        """Adds ``row[req.n:n]`` to the request and scores its lookups on them; None (the
+        request ended) for tokens outside the vocabulary."""
+        new = row[req.n:n]
+        if not len(new):
+            return req
+        new_tokens = new.tolist()
+        if min(new_tokens) < 0 or max(new_tokens) >= self.vocab_size:
+            self._end(req)
+            return None
+        req.extend(new)
+        # the windows that reach into the new tokens (earlier ones were inserted shorter)
+        start = max(0, n - (len(new) + self._window - 1))
+        self.trie.insert(req.tokens[start:n].astype(np.int64), source="request",
+                         request_id=req.rid)
+        keep = []
+        for look in req.pending:
+            look.advance(new_tokens)
+            if not look.final:
+                keep.append(look)
+            elif look.drafting:
+                req.weight, req.gain = self._scored(req.weight, req.gain, look.matched)
+        req.pending = keep
+        return req
+
+    def _end(self, req: _Request) -> None:
+        """Adds the request's output, with the prompt tokens it followed, to the shared counts
+        and releases its request-local counts."""
+        if req.n > req.prompt_len:
+            start = max(0, req.prompt_len - self.trie.match_len)
+            self.trie.insert(req.tokens[start:req.n].astype(np.int64), source="shared")
+        self.trie.end_request(req.rid)
+
+    def stats(self) -> dict:
+        """Steps, draft tokens proposed and accepted (as vLLM reported them back), requests
+        started and live, the trie's nodes, and the chooser's choices (label: row-steps)."""
+        return {"steps": self._steps, "drafted_tokens": self._drafted,
+                "accepted_tokens": self._accepted, "requests_started": self._started,
+                "live_requests": sum(r is not None for r in self._rows),
+                "trie_nodes": len(self.trie), "choices": self.chooser.stats()["choices"]}

@@ -275,11 +275,11 @@ def step_cost_curve(model, device: torch.device, tokens: tuple[int, ...], prefix
                     reps: int) -> list[dict]:
     """Milliseconds of one ``TreeRunner.forward`` of a T-token chain after a ``prefix``-token
     prefill, per T, timed by the runner itself as ``config="auto"`` times its steps
-    (:mod:`fastdecode.hf.step_costs`: CUDA events on CUDA, the host clock elsewhere; the median
+    (:mod:`fastdecode.decoding.step_costs`: CUDA events on CUDA, the host clock elsewhere; the median
     of the last ``min(reps, SAMPLES)`` of ``reps`` forwards after two warm-ups; the step's KV is
     cropped each time)."""
     from fastdecode.hf.model import TreeRunner
-    from fastdecode.hf.step_costs import StepCosts
+    from fastdecode.decoding.step_costs import StepCosts
 
     runner = TreeRunner(model)
     gen = torch.Generator().manual_seed(0)

@@ -31,7 +31,7 @@ def flat_forward_costs(model: torch.nn.Module) -> Iterator[None]:
     """``config="auto"`` sees forwards of any size cost the same for ``model`` (as on a
     memory-bound GPU) instead of timing them: its choices no longer depend on this machine's
     speed."""
-    from fastdecode.hf import step_costs
+    from fastdecode.decoding import step_costs
 
     class Flat(step_costs.StepCosts):
         def add(self, context: int, tokens: int, seconds: float) -> None:

@@ -1,6 +1,6 @@
 """The step budget of ``config="auto"``: the runner's measured step costs
-(fastdecode.hf.step_costs), the loop's budget chooser (fastdecode.decoding.budget), and what the
-loop hands drafters."""
+(fastdecode.decoding.step_costs), the loop's budget chooser (fastdecode.decoding.budget), and
+what the loop hands drafters."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from fastdecode.decoding.budget import MARGIN, BudgetChooser, Option, nearly_fre
 from fastdecode.decoding.drafter import Draft, History, NoDraft
 from fastdecode.decoding.loop import decode
 from fastdecode.decoding.sampling import SamplingConfig
-from fastdecode.hf import step_costs
+from fastdecode.decoding import step_costs
 from fastdecode.hf.model import TreeRunner
-from fastdecode.hf.step_costs import SAMPLES, StepCosts, bucket_of, costs_of, interpolate
+from fastdecode.decoding.step_costs import SAMPLES, StepCosts, bucket_of, costs_of, interpolate
 
 
 def test_bucket_and_interpolation():

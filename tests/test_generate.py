@@ -203,7 +203,7 @@ def test_auto_config_never_changes_the_output(kind):
     assert torch.equal(out.sequences, want)
     auto = out.stats.drafter["auto"]
     assert sum(auto["choices"].values()) == out.stats.steps - 1
-    from fastdecode.hf.step_costs import PROBE_TOKENS
+    from fastdecode.decoding.step_costs import PROBE_TOKENS
 
     assert set(PROBE_TOKENS) <= set(auto["cost_s"])  # probed, then refined by real steps
 

@@ -3,7 +3,7 @@
 Every step an adaptive drafter lists its options (:class:`Option`: what to draft, the tokens
 each row is expected to emit, the tokens each row feeds the forward), plain decoding first.
 :class:`BudgetChooser` prices each option on the runner's measured cost curve
-(:mod:`fastdecode.hf.step_costs`) and takes the one with the most expected tokens per second;
+(:mod:`fastdecode.decoding.step_costs`) and takes the one with the most expected tokens per second;
 plain decoding wins unless another option promises ``margin`` times its rate, because the
 drafter's own host work and the estimates' noise are not in the curve. The chosen option's
 ``budget`` is what the drafter's ``propose`` receives. The choice statistics are kept here too.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Hashable, NamedTuple
 
-from fastdecode.hf.step_costs import interpolate
+from fastdecode.decoding.step_costs import interpolate
 
 MARGIN = 1.05  # drafting must promise this much more than plain decoding
 NEARLY_FREE = 1.15  # a forward "costs almost nothing extra" within this factor of one token's

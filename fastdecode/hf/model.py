@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fastdecode.hf.step_costs import PROBE_TOKENS, StepCosts, costs_of
+from fastdecode.decoding.step_costs import PROBE_TOKENS, StepCosts, costs_of
 from fastdecode.ops import compact_kv, pack_tree_mask, tree_mask, tree_positions
 
 SUPPORTED_ATTENTION = ("fastdecode", "sdpa", "eager")
@@ -110,7 +110,7 @@ class TreeRunner:
     """One batch of sequences of one model: prefill, tree forwards and KV commits.
 
     The runner times its forwards: :attr:`forward_s` sums them (prefill included), and every
-    tree forward is added to the model's :class:`~fastdecode.hf.step_costs.StepCosts`, which
+    tree forward is added to the model's :class:`~fastdecode.decoding.step_costs.StepCosts`, which
     :meth:`step_costs` reads (a step budget's cost side)."""
 
     def __init__(self, model) -> None:
@@ -148,7 +148,7 @@ class TreeRunner:
 
     def step_costs(self, probe_token: torch.Tensor) -> list[tuple[int, float]]:
         """``(tokens fed, seconds)`` of one forward at the current context, in increasing T (see
-        :mod:`fastdecode.hf.step_costs`). A model not timed before is probed first: one
+        :mod:`fastdecode.decoding.step_costs`). A model not timed before is probed first: one
         chain-shaped forward of ``probe_token`` (int64 ``[B, 1]``) per size in
         ``PROBE_TOKENS`` (the single token twice), each cropped off right away, so the output
         cannot change."""
@@ -205,7 +205,8 @@ class TreeRunner:
             allowed = torch.cat([prefix[:, None, :].expand(B, T, S), mask], dim=-1)
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             additive = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
-            kwargs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+            fill = torch.finfo(dtype).min
+            kwargs["attention_mask"] = additive.masked_fill_(~allowed, fill)[:, None]
         return self._clock.time(lambda: self.model(input_ids=tokens, **kwargs).logits,
                                 lambda seconds: self.costs.add(S, T, seconds))
 

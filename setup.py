@@ -45,6 +45,20 @@ def tool(module: str, attr: str, exe: str) -> str:
         return exe
 
 
+def triton_importable() -> bool:
+    """Whether the environment being installed into has triton. Under pip's build isolation
+    this process sees only the build requirements (pip's PYTHONPATH hides the target's
+    site-packages), so a fresh interpreter without that PYTHONPATH is asked as well."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('triton') is None)"
+    return subprocess.run([sys.executable, "-c", probe], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -62,6 +76,9 @@ class CMakeBuild(build_ext):
             raise SystemExit("FASTDECODE_CUDA=1 but no nvcc was found (set CUDA_HOME or CUDACXX)")
         if want == "" and nvcc is None:
             print("fastdecode: nvcc not found, building the CPU-only extension", flush=True)
+        if not triton_importable():
+            print("fastdecode: triton not found; the Triton backends will read 'no' in "
+                  "`fastdecode info`; pip install triton to enable them", flush=True)
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"

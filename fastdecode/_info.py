@@ -11,6 +11,10 @@ from fastdecode._version import __version__
 
 
 def _triton_version() -> str | None:
+    """The installed triton's version, or None when triton is not importable (by the test the
+    ``triton`` backends use, so this version and the table's triton column agree)."""
+    if not _backend._triton_installed():
+        return None
     try:
         return importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -51,4 +55,7 @@ def format_info(facts: dict) -> str:
         cells = ["yes" if backends.get(b) else ("no" if b in backends else "") for b in names]
         lines.append(f"{op:<{op_width}}  " + "  ".join(f"{c:<6}" for c in cells))
     lines.append("(yes: runs here; no: implemented but cannot run here; blank: not implemented)")
+    if facts["triton"] is None and any("triton" in b for b in facts["ops"].values()):
+        lines.append("triton is not installed, so every triton backend reads no: "
+                     "pip install triton to enable them")
     return "\n".join(lines)

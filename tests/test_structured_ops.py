@@ -1,7 +1,8 @@
 """Structured ops (fastdecode.ops.structured): every backend against the plain-torch reference
 across fp32/bf16/fp16 and odd sizes (the fused BlockShuffle forward and backward, the SwiGLU
 up-projection, the decoding products with and without split-K), the references against
-independent code, fp64 gradcheck of the autograd Functions, torch.compile, and bad arguments.
+independent code, fp64 gradcheck through the custom ops' autograd, fp64 on the ``torch``
+backend only (the ``triton`` one refuses it when forced), torch.compile, and bad arguments.
 
 Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors with small shapes; larger
 shapes run only on a GPU (mark ``gpu``).
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICES, HAS_CUDA
 
-from fastdecode import _backend, use_backend
+from fastdecode import BackendUnavailableError, _backend, use_backend
 from fastdecode.ops import (
     block_dense_decode,
     block_shuffle,
@@ -76,6 +77,78 @@ def test_gradcheck_ops() -> None:
     v = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     u = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu_up, (x, v, u))
+
+
+def test_opcheck_prefill_ops() -> None:
+    """The differentiable custom ops pass torch.library.opcheck: schema, fake implementation,
+    register_autograd and AOT dispatch."""
+    from fastdecode.ops import structured
+
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(structured._block_shuffle_op, (x, w1, w2))
+    torch.library.opcheck(structured._swiglu_up_op, (x, v, u))
+
+
+def fp64_calls() -> dict[str, tuple]:
+    """Each public op and fp64 arguments, keyed by the op it dispatches."""
+    x = torch.randn(3, 12, dtype=torch.float64)
+    w1, w2 = torch.randn(3, 4, 4, dtype=torch.float64), torch.randn(3, 4, 4, dtype=torch.float64)
+    v, u = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    return {
+        "block_shuffle": (block_shuffle, (x, w1, w2)),
+        "swiglu_up": (swiglu_up, (x, v, u)),
+        "dense_decode": (dense_decode, (x, w)),
+        "block_dense_decode": (block_dense_decode, (x, v, u)),
+        "block_shuffle_decode": (block_shuffle_decode, (x, w1, w2)),
+    }
+
+
+@pytest.fixture
+def triton_runs_anywhere(monkeypatch):
+    """The ``triton`` backend counts as runnable on every device, whether or not it is here
+    (the calls below never reach a kernel): the automatic choice prefers it on CUDA."""
+    monkeypatch.delenv("FASTDECODE_BACKEND", raising=False)
+    why_not = _backend._why_not
+    monkeypatch.setattr(_backend, "_why_not",
+                        lambda backend, device: None if backend == "triton" else why_not(
+                            backend, device))
+
+
+def test_fp64_runs_on_torch_under_the_automatic_choice(triton_runs_anywhere) -> None:
+    cuda = torch.device("cuda")  # select() reads the device type and the arguments' dtypes
+    for op, (fn, args) in fp64_calls().items():
+        assert _backend.select(op, cuda, tuple(a.float() for a in args))[0] == "triton", op
+        assert _backend.select(op, cuda, args)[0] == "torch", op
+        with use_backend("torch"):
+            want = fn(*args)
+        torch.testing.assert_close(fn(*args), want)  # CPU tensors: the automatic choice
+    x, w1, w2 = fp64_calls()["block_shuffle"][1]
+    gy = torch.randn(3, 12, dtype=torch.float64)
+    assert _backend.select("block_shuffle_backward", cuda, (gy, x, w1, w2, w2))[0] == "torch"
+
+
+@pytest.mark.parametrize("force", ["use_backend", "env"])
+def test_forced_triton_refuses_fp64(triton_runs_anywhere, monkeypatch, force: str) -> None:
+    source = r"use_backend\(\)" if force == "use_backend" else "FASTDECODE_BACKEND"
+    for op, (fn, args) in fp64_calls().items():
+        grads = [False, True] if op in ("block_shuffle", "swiglu_up") else [False]
+        for grad in grads:
+            leaves = [a.clone().requires_grad_(grad) for a in args]
+            match = (rf"backend 'triton' of {op} cannot run \(requested by {source}\): it "
+                     "does not take float64 tensors")
+            with pytest.raises(BackendUnavailableError, match=match):
+                if force == "use_backend":
+                    with use_backend("triton"):
+                        fn(*leaves)
+                else:
+                    with monkeypatch.context() as m:
+                        m.setenv("FASTDECODE_BACKEND", "triton")
+                        fn(*leaves)
 
 
 def test_swiglu_up_reference() -> None:

@@ -4,7 +4,8 @@ the small-batch decoding products of every structure and of a merged dense weigh
 
 This file holds each op's plain-torch reference (the ``torch`` backend), the registration of the
 Triton kernels (``triton`` backend, in ``fastdecode.triton_kernels.structured``), the
-``torch.library`` registrations and the public, validated entry points with their autograd.
+``torch.library`` registrations with their autograd (``register_autograd``, as the CASTLE ops)
+and the public, validated entry points.
 
 Weight layouts (``nn.Linear`` convention, out x in, activations are rows ``y = x @ W.T``):
 
@@ -31,7 +32,12 @@ from fastdecode._backend import dispatch, register, run
 from fastdecode.ops import _validate
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-"""fp64 (for gradcheck) always runs the plain-torch reference, whatever the backend."""
+"""The dtypes the ops take. fp64 (for gradcheck) runs on the ``torch`` backend only: the
+``triton`` backend takes :data:`TRITON_DTYPES`, so the automatic choice passes over it for fp64
+and forcing it (``use_backend("triton")``, ``FASTDECODE_BACKEND=triton``) raises
+:class:`~fastdecode.BackendUnavailableError`."""
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes the Triton kernels take."""
 MAX_DECODE_TOKENS = 16
 """The decoding products take 1 to this many tokens (rows of ``x``)."""
 
@@ -121,17 +127,15 @@ def block_shuffle_decode_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.
     return u.transpose(1, 2).reshape(T, s * b).to(x.dtype)
 
 
-def _triton(name: str, reference):
+def _triton(name: str):
     """The ``triton`` backend of an op: kernel ``name`` of
-    ``fastdecode.triton_kernels.structured`` (imported on first use: triton is optional and
-    importing it costs time), or ``reference`` for fp64 inputs."""
+    ``fastdecode.triton_kernels.structured``, imported on first use (triton is optional and
+    importing it costs time)."""
 
-    def impl(x: torch.Tensor, *args: torch.Tensor):
-        if x.dtype == torch.float64:
-            return reference(x, *args)
+    def impl(*args: torch.Tensor):
         from fastdecode.triton_kernels import structured
 
-        return getattr(structured, name)(x, *args)
+        return getattr(structured, name)(*args)
 
     return impl
 
@@ -142,15 +146,10 @@ register("swiglu_up", "torch")(swiglu_up_reference)
 register("dense_decode", "torch")(dense_decode_reference)
 register("block_dense_decode", "torch")(block_dense_decode_reference)
 register("block_shuffle_decode", "torch")(block_shuffle_decode_reference)
-register("block_shuffle", "triton")(_triton("block_shuffle_triton", block_shuffle_reference))
-register("block_shuffle_backward", "triton")(
-    _triton("block_shuffle_backward_triton", block_shuffle_backward_reference))
-register("swiglu_up", "triton")(_triton("swiglu_up_triton", swiglu_up_reference))
-register("dense_decode", "triton")(_triton("dense_decode_triton", dense_decode_reference))
-register("block_dense_decode", "triton")(
-    _triton("block_dense_decode_triton", block_dense_decode_reference))
-register("block_shuffle_decode", "triton")(
-    _triton("block_shuffle_decode_triton", block_shuffle_decode_reference))
+for _op in ("block_shuffle", "block_shuffle_backward", "swiglu_up", "dense_decode",
+            "block_dense_decode", "block_shuffle_decode"):
+    register(_op, "triton", dtypes=TRITON_DTYPES)(_triton(f"{_op}_triton"))
+del _op
 
 
 # ---- torch.library registration (opaque to torch.compile, with fake implementations) --------
@@ -222,6 +221,53 @@ def _(x, w1, w2):
     return x.new_empty(x.shape[0], w1.shape[0] * w2.shape[1])
 
 
+# ---- autograd of block_shuffle and swiglu_up (register_autograd, as the CASTLE ops) ---------
+
+
+def _block_shuffle_setup_context(ctx, inputs, output) -> None:
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+
+
+def _block_shuffle_backward(ctx, gy: torch.Tensor, _gz: torch.Tensor | None):
+    # z is a by-product saved for this backward: gradients flow through y only.
+    x, w1, w2, z = ctx.saved_tensors
+    return dispatch("block_shuffle_backward", _block_shuffle_backward_op, x.device,
+                    gy.contiguous(), x, w1, w2, z)
+
+
+_block_shuffle_op.register_autograd(_block_shuffle_backward,
+                                    setup_context=_block_shuffle_setup_context)
+
+
+def _swiglu_up_setup_context(ctx, inputs, output) -> None:
+    x, v, u = inputs
+    ctx.save_for_backward(x, v, u, output[1])
+
+
+def _swiglu_up_backward(ctx, gout: torch.Tensor, _gt: torch.Tensor | None):
+    # Plain torch: recomputes gate and up from the saved rank-r intermediate t (a by-product:
+    # gradients flow through the output only).
+    x, v, u, t = ctx.saved_tensors
+    b, rb, p = v.shape
+    T = x.shape[0]
+    gate, up = (_wide(t) @ _wide(u).T).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    g = _wide(gout)
+    ggate = g * up * sig * (1 + gate * (1 - sig))
+    gup = g * gate * sig
+    gu_all = torch.cat([ggate, gup], dim=-1)  # [T, 2f]
+    gu = gu_all.T @ _wide(t)
+    gt = _wide((gu_all @ _wide(u)).to(x.dtype)).reshape(T, b, rb)
+    xb = _wide(x).reshape(T, b, p)
+    gv = torch.einsum("tkr,tkc->krc", gt, xb)
+    gx = torch.einsum("tkr,krc->tkc", gt, _wide(v)).reshape(T, b * p)
+    return gx.to(x.dtype), gv.to(v.dtype), gu.to(u.dtype)
+
+
+_swiglu_up_op.register_autograd(_swiglu_up_backward, setup_context=_swiglu_up_setup_context)
+
+
 # ---- validation -----------------------------------------------------------------------------
 
 
@@ -273,20 +319,6 @@ def _check_block_dense(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, u_rows
 # ---- public entry points --------------------------------------------------------------------
 
 
-class _BlockShuffle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        y, z = dispatch("block_shuffle", _block_shuffle_op, x.device, x, w1, w2)
-        ctx.save_for_backward(x, w1, w2, z)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        x, w1, w2, z = ctx.saved_tensors
-        return dispatch("block_shuffle_backward", _block_shuffle_backward_op, x.device,
-                        gy.contiguous(), x, w1, w2, z)
-
-
 def block_shuffle(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The BlockShuffle (Monarch) product ``y = P_out BD(w2) P_mid BD(w1) x`` of every row.
 
@@ -305,35 +337,8 @@ def block_shuffle(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.
     _check_block_shuffle(x, w1, w2)
     x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
-        return _BlockShuffle.apply(x, w1, w2)
+        return _block_shuffle_op(x, w1, w2)[0]  # through its autograd
     return dispatch("block_shuffle", _block_shuffle_op, x.device, x, w1, w2)[0]
-
-
-class _SwigluUp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        out, t = dispatch("swiglu_up", _swiglu_up_op, x.device, x, v, u)
-        ctx.save_for_backward(x, v, u, t)
-        return out
-
-    @staticmethod
-    def backward(ctx, gout: torch.Tensor):
-        # Plain torch: recomputes gate and up from the saved rank-r intermediate t.
-        x, v, u, t = ctx.saved_tensors
-        b, rb, p = v.shape
-        T = x.shape[0]
-        gate, up = (_wide(t) @ _wide(u).T).chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        g = _wide(gout)
-        ggate = g * up * sig * (1 + gate * (1 - sig))
-        gup = g * gate * sig
-        gu_all = torch.cat([ggate, gup], dim=-1)  # [T, 2f]
-        gu = gu_all.T @ _wide(t)
-        gt = _wide((gu_all @ _wide(u)).to(x.dtype)).reshape(T, b, rb)
-        xb = _wide(x).reshape(T, b, p)
-        gv = torch.einsum("tkr,tkc->krc", gt, xb)
-        gx = torch.einsum("tkr,krc->tkc", gt, _wide(v)).reshape(T, b * p)
-        return gx.to(x.dtype), gv.to(v.dtype), gu.to(u.dtype)
 
 
 def swiglu_up(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -359,7 +364,7 @@ def swiglu_up(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor
                          f"{tuple(u.shape)}")
     x, v, u = x.contiguous(), v.contiguous(), u.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or u.requires_grad):
-        return _SwigluUp.apply(x, v, u)
+        return _swiglu_up_op(x, v, u)[0]  # through its autograd
     return dispatch("swiglu_up", _swiglu_up_op, x.device, x, v, u)[0]
 
 

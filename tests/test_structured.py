@@ -39,7 +39,7 @@ def layers(d_in: int, d_out: int, dtype: torch.dtype = torch.float64) -> list[St
 
 
 def shuffle_dense_by_formula(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The brief's entry formula, element by element:
+    """The entry formula of a BlockShuffle linear, element by element:
     ``W[o*b + j, k*p + c]`` is the sum over i with ``(i*b + j) // m == k`` of
     ``w2[j, o, i] * w1[k, (i*b + j) % m, c]``."""
     b, m, p = w1.shape
@@ -53,7 +53,7 @@ def shuffle_dense_by_formula(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
 
 
 def shuffle_by_loops(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The brief's per-token semantics, written as loops over the index maps."""
+    """The per-token semantics of a BlockShuffle linear, written as loops over the index maps."""
     b, m, p = w1.shape
     s = w2.shape[1]
     y = torch.zeros(x.shape[0], b * s, dtype=x.dtype)
@@ -436,7 +436,7 @@ def test_ffn_decode_path_on_gpu(kind: str, rank, blocks) -> None:
 
 
 def test_llama7b_gate_up_counts() -> None:
-    """The brief's LLaMA-7B-shaped SwiGLU numbers (d 4096, f 11008, r 1024)."""
+    """The parameter counts of the LLaMA-7B-shaped SwiGLU (d 4096, f 11008, r 1024)."""
     d, f = 4096, 11008
     dense = StructuredFFN(d, f, "dense", device="meta")
     fused = StructuredFFN(d, f, "lowrank", rank=1024, device="meta")
@@ -476,7 +476,7 @@ def test_separate_gate_up(kind: str, rank, blocks) -> None:
 
 
 def test_ffn_compiles_in_one_graph() -> None:
-    """torch.compile traces the structured FFNs (the ops' autograd Functions and custom ops)
+    """torch.compile traces the structured FFNs (the custom ops and their register_autograd)
     without graph breaks, forward and backward."""
     for kind, kwargs in (("lowrank", dict(rank=8)), ("blockshuffle", dict(blocks=2))):
         ffn = StructuredFFN(16, 32, kind, **kwargs)

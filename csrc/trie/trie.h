@@ -1,7 +1,7 @@
 // The token trie of trie-based ("Ant") lookahead decoding: a bounded, thread-safe store of the
 // n-grams seen in prompts and in generated outputs, from which each decoding step retrieves a
 // draft tree for tree verification (see fastdecode/decoding/trie_cache.py for the user-facing
-// semantics and /work/shared/design/trie_lookahead.md for the method).
+// semantics).
 //
 // Structure. One trie under a virtual root (node 0): a path root -> t0 -> t1 -> ... -> tk means
 // the tokens t0..tk occurred in a row. Inserting a sequence inserts its window of W = match_len +
@@ -15,7 +15,7 @@
 //   * prompt count per request: windows of source "prompt" inserted for that request, released
 //     by end_request. A node holding some request's prompt count is "pinned" (never evicted).
 // A request ranks a node by (its own prompt count, output count), compared lexicographically:
-// the design brief's mix (1 - w) * prompt + w * output with w = 1e-4, where the prompt count
+// the order of the mix (1 - w) * prompt + w * output with w = 1e-4, where the prompt count
 // always decides first. Other requests' prompt counts are invisible to it; a node with neither
 // count is dead for it (not matched, not drafted). Along any path both counts never grow
 // downwards (every window through a child passes through its parent).

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdecode.integrations.engine_costs import EngineStepCosts
 from fastdecode.integrations.vllm import TOKEN_COST_ENV, TrieProposer
 
 K = 8
@@ -354,3 +355,28 @@ def test_token_cost_setting(monkeypatch):
     monkeypatch.setenv(TOKEN_COST_ENV, "-1")
     with pytest.raises(ValueError, match=f"{TOKEN_COST_ENV} must be a finite number >= 0"):
         TrieProposer(config())
+
+
+@pytest.mark.parametrize("per_draft, drafts", [(0.0002, "most"), (0.03, "none")])
+def test_draft_length_follows_the_engines_step_times(per_draft, drafts):
+    """The engine's steps take 10 ms plus ``per_draft`` per draft token: on copying text,
+    drafting pays where a draft token is cheap and stops once the fit prices it above what an
+    accepted token brings (30 ms a token: three plain steps)."""
+    clock = [0.0]
+    proposer = TrieProposer(config())
+    proposer.costs = EngineStepCosts(proposer.token_cost, clock=lambda: clock[0])
+    batch = Batch(proposer, rows=2, max_len=2048)
+    for row in range(2):
+        prompt = permutation(row, range(100 * row, 100 * row + 40))
+        batch.put(row, Request(prompt, copying(prompt), max_new=10**6))
+    given = []
+    for _ in range(80):
+        out = batch.step()
+        given.append(sum(len(d) for d in out))
+        clock[0] += 0.010 + per_draft * given[-1]
+    assert proposer.costs.fit is not None
+    assert_correct(batch.log)
+    if drafts == "most":
+        assert sum(given[-30:]) >= 0.9 * 30 * 2 * K
+    else:
+        assert sum(given[-30:]) == 0

@@ -23,6 +23,7 @@ import torch
 from fastdecode import _native
 from fastdecode.decoding.budget import BudgetChooser, Option
 from fastdecode.decoding.trie_cache import TrieCache
+from fastdecode.integrations.engine_costs import EngineStepCosts
 from fastdecode.ops import _validate
 
 TOKEN_COST_ENV = "FASTDECODE_VLLM_TOKEN_COST"
@@ -157,10 +158,16 @@ class TrieProposer:
     served another request's counts. Rows whose sampled list is empty (prefilling, or unused)
     get no draft and cost the comparison only; rows past the batch are detached.
 
-    **How much to draft.** vLLM owns the forward, so a documented cost model stands in for
-    timings: a forward of T tokens per row costs ``1 + c * (T - 1)`` single-token steps, with
-    ``c = TOKEN_COST`` (environment: ``FASTDECODE_VLLM_TOKEN_COST``; about 0.1 on a GPU,
-    where a few more tokens per row cost little). Each step's chain is scored as the row's next
+    **How much to draft.** vLLM owns the forward, so the proposer times the engine from the
+    outside: the interval between two calls is one engine step, fitted over recent steps as
+    ``a + r * rows + b * drafts`` seconds (:class:`~fastdecode.integrations.engine_costs.
+    EngineStepCosts`; steps during which a request joined are left out). For a batch of B rows
+    a row feeding T tokens then costs ``1 + c * (T - 1)`` of its share of a plain step, with
+    ``c = b * B / (a + r * B)``: drafting is cheap where the forward is bound by fixed costs (a
+    GPU at small batches) and dear where every token costs (a CPU, large batches). Until the
+    drafts have varied enough to fit, ``c = TOKEN_COST`` (environment:
+    ``FASTDECODE_VLLM_TOKEN_COST``); while they do not vary, one step in
+    ``EngineStepCosts.EXPLORE_EVERY`` drafts half its chosen lengths. Each step's chain is scored as the row's next
     tokens come out: where its first m drafts agree with them, a draft of its first d tokens
     has ``min(m, d)`` accepted (what vLLM reports back as ``len(sampled) - 1``), so one chain
     tells what every draft length would have had accepted, without another forward. Per
@@ -171,7 +178,7 @@ class TrieProposer:
     or the trie offers a single continuation; elsewhere the row gets ``[]``. Until one of its
     lookups has been scored, a request that may draft drafts the whole chain.
 
-    Settings (class attributes): ``TOKEN_COST`` (c above), ``MATCH_LEN`` (the most trailing
+    Settings (class attributes): ``TOKEN_COST`` (c before a fit), ``MATCH_LEN`` (the most trailing
     tokens a retrieval matches), ``MAX_NODES_TOTAL`` (the trie's node budget, about 190 bytes a
     node), ``DECAY`` (the estimate's weight of its past per scored lookup).
 
@@ -203,7 +210,8 @@ class TrieProposer:
         self.trie = TrieCache(self.vocab_size, decoding_length=self.k + 2, branch_length=self.k,
                               match_len=self.MATCH_LEN, max_nodes_total=self.MAX_NODES_TOTAL)
         self.chooser = BudgetChooser()
-        self._curve = [(1, 1.0), (2, 1.0 + self.token_cost)]
+        self.costs = EngineStepCosts(self.token_cost)
+        self._last_active: set[int] = set()
         self._window = self.trie.match_len + self.trie.branch_length
         self._rows: list[_Request | None] = [None] * rows
         self._rids = itertools.count()
@@ -253,6 +261,19 @@ class TrieProposer:
             raise ValueError(f"propose got {B} rows, token_ids_cpu of shape {tokens.shape} and "
                              f"num_tokens_no_spec of shape {counts.shape}: expected [>= {B}, L] "
                              f"and [>= {B}]")
+        sampled_counts = [0 if s is None else len(s) for s in sampled_token_ids]
+        scheduled = {i for i, c in enumerate(sampled_counts) if c}
+        # the last step ran only the rows drafted for last time: no prefill in the interval
+        self.costs.call_started(len(scheduled) == B and scheduled <= self._last_active)
+        drafts = self._propose(tokens, counts, sampled_counts)
+        self._last_active = {i for i, d in enumerate(drafts) if d is not None}
+        self.costs.call_ended(len(self._last_active), sum(len(d) for d in drafts if d))
+        return [[] if d is None else d for d in drafts]
+
+    def _propose(self, tokens: np.ndarray, counts: np.ndarray,
+                 sampled_counts: list[int]) -> list[list[int] | None]:
+        """The drafts of :meth:`propose`, None for the rows that are not decoding."""
+        B = len(sampled_counts)
         if len(self._rows) < B:
             self._rows += [None] * (B - len(self._rows))
         detached: dict[tuple[int, int], list[_Request]] = {}
@@ -270,8 +291,7 @@ class TrieProposer:
             if req is not None and not req.prefix_of(tokens[i], n):
                 detach(req)
                 self._rows[i] = req = None
-            sampled = sampled_token_ids[i]
-            sampled = 0 if sampled is None else len(sampled)
+            sampled = sampled_counts[i]
             if sampled and 0 < n <= tokens.shape[1]:
                 active.append((i, sampled, n))
         for i, sampled, n in active:
@@ -281,7 +301,7 @@ class TrieProposer:
             for req in group:
                 self._end(req)
 
-        drafts: list[list[int]] = [[] for _ in range(B)]
+        drafts: list[list[int] | None] = [None] * B
         rows, contexts, following = [], [], []
         for i, sampled, n in active:
             req = self._rows[i]
@@ -293,6 +313,7 @@ class TrieProposer:
             drafted, req.draft_len = req.draft_len, 0
             self._drafted += drafted
             self._accepted += min(sampled - 1, drafted)
+            drafts[i] = []
             if n >= tokens.shape[1]:
                 continue
             rows.append((i, n))
@@ -302,6 +323,8 @@ class TrieProposer:
         self._steps += 1
         if not rows:
             return drafts
+        curve = [(1, 1.0), (2, 1.0 + self.costs.token_cost(len(rows)))]
+        explore = self.costs.explore()
         tree_tokens, parents = self.trie.retrieve_batch(
             contexts, max_nodes=self.k + 2, max_depth=self.k, mode="parallel",
             request_ids=[self._rows[i].rid for i, _ in rows])
@@ -319,7 +342,8 @@ class TrieProposer:
             may = follows or single
             req.newest = look = _Lookup(chain, may)
             if may:
-                length = self.chooser.choose(self._curve, self._options(req, len(chain)))
+                length = self.chooser.choose(curve, self._options(req, len(chain)))
+                length = (length + 1) // 2 if explore else length
                 drafts[i] = chain[:min(length, tokens.shape[1] - n)]
                 req.draft_len = len(drafts[i])
             req.pending.append(look)
@@ -405,4 +429,5 @@ class TrieProposer:
         return {"steps": self._steps, "drafted_tokens": self._drafted,
                 "accepted_tokens": self._accepted, "requests_started": self._started,
                 "live_requests": sum(r is not None for r in self._rows),
-                "trie_nodes": len(self.trie), "choices": self.chooser.stats()["choices"]}
+                "trie_nodes": len(self.trie), "choices": self.chooser.stats()["choices"],
+                "step_costs": self.costs.stats()}

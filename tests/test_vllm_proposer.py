@@ -161,6 +161,7 @@ def test_copying_text_gets_correct_long_drafts():
     assert max(len(d) for _, _, d in batch.log) == K
     stats = proposer.stats()
     assert stats["accepted_tokens"] >= 300 and stats["requests_started"] == 3
+    assert 0 < stats["propose_seconds"] < 10
     assert proposer.trie.stats()["requests"] == 3
 
 

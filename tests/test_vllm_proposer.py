@@ -381,3 +381,13 @@ def test_draft_length_follows_the_engines_step_times(per_draft, drafts):
         assert sum(given[-30:]) >= 0.9 * 30 * 2 * K
     else:
         assert sum(given[-30:]) == 0
+
+
+def test_methods_to_run():
+    from fastdecode.integrations.vllm_driver import methods_to_run
+
+    assert methods_to_run("none,ngram4,fastdecode") == ["none", "ngram4", "fastdecode"]
+    with pytest.raises(ValueError, match="methods must include none"):
+        methods_to_run("ngram4,fastdecode")
+    with pytest.raises(ValueError, match="found 'none,medusa'"):
+        methods_to_run("none,medusa")

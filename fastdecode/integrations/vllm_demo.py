@@ -12,7 +12,6 @@ vllm-demo`` builds one, ``.venv-vllm``), after the default model's folder has be
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -55,17 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=default_model_dir(),
                         help="the model folder (default: the default model's)")
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in vllm_driver.METHODS]
-    if unknown or "none" not in methods:
-        parser.error(f"--methods must include none and name only {', '.join(vllm_driver.METHODS)}"
-                     f"; found {args.methods!r}")
+    try:
+        methods = vllm_driver.methods_to_run(args.methods)
+    except ValueError as e:
+        parser.error(f"--{e}")
     if not (args.model / "config.json").is_file():
         sys.exit(f"no model folder at {args.model}: build it with "
                  "`python -c 'from fastdecode.models import load_default; load_default()'`")
-    if "suffix" in methods and importlib.util.find_spec("arctic_inference") is None:
-        print("suffix: skipped, arctic-inference is not installed", file=sys.stderr)
-        methods.remove("suffix")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:

@@ -133,6 +133,22 @@ def serve(engine: object, tokenizer: object, sessions: list[Session], concurrenc
     return time.perf_counter() - start
 
 
+def methods_to_run(spec: str) -> list[str]:
+    """The comma-separated ``spec`` as a list of :data:`METHODS`, ``suffix`` left out (with a
+    message) where arctic-inference is not installed. Raises ValueError unless every name is a
+    method and ``none``, the baseline, is among them."""
+    import importlib.util
+
+    methods = spec.split(",")
+    if "none" not in methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"methods must include none and name only {', '.join(METHODS)}; "
+                         f"found {spec!r}")
+    if "suffix" in methods and importlib.util.find_spec("arctic_inference") is None:
+        print("suffix: skipped, arctic-inference is not installed", file=sys.stderr)
+        methods.remove("suffix")
+    return methods
+
+
 def summarize(run: dict, baseline: dict | None) -> dict:
     """One workload at one concurrency (a ``runs`` entry of a method's results) against the
     same run without speculation: output tokens, wall seconds, tokens/s, mean tokens per decode

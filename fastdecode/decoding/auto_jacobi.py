@@ -5,9 +5,10 @@ most tokens per second on this device.
   anyway; once the real continuation is known, each candidate set (the first g candidates,
   k tokens each) is scored by how many of its tokens would have been accepted. This needs no
   extra forward, so even while decoding plainly the drafter learns what drafting would gain.
-* Options: plain decoding, and every (g, k) within the bounds with its expected tokens per
-  step; the loop's :class:`~fastdecode.decoding.budget.BudgetChooser` prices them on the
-  measured step costs and picks the step's (g, k).
+* Options: plain decoding, and, where some row's lookup found candidates, every (g, k)
+  within the bounds with its expected tokens per step; the loop's
+  :class:`~fastdecode.decoding.budget.BudgetChooser` prices them on the measured step costs
+  and picks the step's (g, k).
 * The Jacobi window runs only where extra tokens cost almost nothing (a memory-bound device,
   :func:`~fastdecode.decoding.budget.nearly_free`): its effect on the pool cannot be scored
   before it runs. It is decided at the first step.
@@ -50,7 +51,11 @@ class AutoJacobi(JacobiDrafter):
         if self.use_window is None:
             self.use_window = nearly_free(curve, len(step_layout(self.W, self.N, 0, 0, True)[0]))
         options = [Option((0, 0), "g=0,k=0", 1.0, self._tokens(0, 0))]
-        if self.scored:
+        # the step's lookup, made now: a step whose rows have no candidate at all would only
+        # feed padding in the candidates' places
+        last = torch.tensor([row[-1] for row in self.rows], device=self.device)
+        self._looked = self.pool.lookup(last)
+        if self.scored and int(self._looked[1].max()) > 0:
             n = self.scored  # expected accepted drafts per step: score / n
             options += [Option((g, k), f"g={g},k={k}", 1.0 + self.score[g][k] / n,
                                self._tokens(g, k))

@@ -69,6 +69,7 @@ class JacobiDrafter:
         self.g, self.k, self.window_on = guesses, ngram - 1, True
         self.steps = 0
         self._counts = torch.zeros(3, dtype=torch.int64)
+        self._looked: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's lookup, made early
 
     def set_step(self, g: int, k: int, window: bool) -> None:
         """Verify the first ``g`` candidates, ``k`` tokens each; feed the window or not."""
@@ -128,7 +129,8 @@ class JacobiDrafter:
         parents, _ = self._layout(B)
         T = parents.shape[1]
         self.window[:, 0, 0] = last
-        self.candidates, self.count = self.pool.lookup(last)
+        looked, self._looked = self._looked, None
+        self.candidates, self.count = looked if looked is not None else self.pool.lookup(last)
         cand = self.candidates[:, : self.g, : self.k]
         parts = [last[:, None], cand.clamp(min=0).reshape(B, -1)]
         if self.window_on:

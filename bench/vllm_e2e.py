@@ -40,17 +40,20 @@ def markdown(report: dict) -> str:
              f"arctic-inference {report['arctic_inference']}; {report['model']}, fp32, eager, "
              f"greedy; {report['date']}. Tokens/s: all output tokens over the run's wall time; "
              "tok/step: mean tokens per decode step of a request (1 + accepted drafts); "
-             "speedup: over no speculation in the same run; identical: sessions with exactly "
-             "the tokens of no speculation.", ""]
+             "drafted/step: draft tokens verified per decode step of a request, accepted: "
+             "the share of them accepted (vLLM's counters); speedup: over no speculation in "
+             "the same run; identical: sessions with exactly the tokens of no speculation.", ""]
     for workload in report["workloads"]:
         lines += [f"## {workload}", "",
-                  "| in flight | method | tokens/s | tok/step | speedup | identical |",
-                  "|---|---|---|---|---|---|"]
+                  "| in flight | method | tokens/s | tok/step | drafted/step | accepted | speedup "
+                  "| identical |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["rows"]:
             if row["workload"] != workload:
                 continue
             lines.append(f"| {row['concurrency']} | {row['method']} | "
                          f"{row['tokens_per_s']:.1f} | {row['tokens_per_step']:.2f} | "
+                         f"{row['drafted_per_step']:.2f} | {100 * row['accepted_share']:.0f}% | "
                          f"{row['speedup']:.2f}x | {row['identical']}/{row['sessions']} |")
         lines.append("")
     lines += ["## Goals", "", GOALS + ".", ""]

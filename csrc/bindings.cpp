@@ -287,6 +287,27 @@ void bind_trie(py::module_& m) {
                                      as<int64_t>(tokens), as<int64_t>(parents), fixed);
            },
            nogil)
+      .def("draft_chains",
+           [](const Trie& t, const std::vector<Ptr>& ctx, const std::vector<int64_t>& n,
+              const std::vector<int64_t>& requests, int64_t max_len, double min_prob,
+              double match_factor, Ptr tokens, Ptr probs, Ptr lengths, Ptr matched) {
+             require(ctx.size() == n.size(), "one length per context is needed");
+             const int64_t B = static_cast<int64_t>(ctx.size());
+             std::vector<const int64_t*> rows(ctx.size());
+             for (size_t b = 0; b < ctx.size(); ++b) {
+               require_ptr(ctx[b], n[b], "context");
+               rows[b] = as<const int64_t>(ctx[b]);
+             }
+             require(max_len >= 1, "max_len must be >= 1");
+             require_ptr(tokens, B * max_len, "tokens");
+             require_ptr(probs, B * max_len, "probs");
+             require_ptr(lengths, B, "lengths");
+             require_ptr(matched, B, "matched");
+             t.draft_chains(rows, n, requests, max_len, min_prob, match_factor,
+                            as<int64_t>(tokens), as<double>(probs), as<int64_t>(lengths),
+                            as<int64_t>(matched));
+           },
+           nogil)
       .def("count",
            [](const Trie& t, Ptr path, int64_t n, bool prompt, int64_t request) {
              require_ptr(path, n, "path");

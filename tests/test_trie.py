@@ -5,6 +5,7 @@ trip, every truncation, every flipped byte, hand-made inconsistent files) and ba
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections import Counter, defaultdict
@@ -632,3 +633,77 @@ def test_old_source_names_warn_and_still_work(old, new):
     assert trie.count([1, 2], new, 4) == same.count([1, 2], new, 4) == 1
     with pytest.warns(DeprecationWarning):
         assert trie.count([1, 2], old, 4) == 1
+
+
+# ---- chains for engines that verify chains --------------------------------------------------
+
+
+def test_draft_chains_worked_example():
+    trie = TrieCache(100, match_len=4, branch_length=8)
+    trie.insert([1, 2, 3, 4, 5, 6, 1, 2, 3, 7], source="request", request_id=5)
+    trie.insert([1, 2, 3, 4, 5, 9, 9], source="shared")
+    # request 5: "1 2 3" goes on to 4 or 7 (1/2 each); shared: once, to 4 5 9 9 (1 each)
+    tokens, probs, lengths, matched = trie.draft_chains([[1, 2, 3], [9], [42]], 6,
+                                                         request_ids=[5, None, 5])
+    assert tokens.dtype == torch.int64 and probs.dtype == torch.float64
+    assert tokens[0].tolist() == [4, 5, 9, 9, 0, 0] and probs[0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert lengths.tolist() == [4, 1, 0] and matched.tolist() == [3, 1, 0]
+    assert tokens[2].tolist() == [0] * 6 and probs[2].tolist() == [0.0] * 6
+    # the request's own chain alone: "1 2 3" went on to 4 twice and to 7 once
+    solo = TrieCache(100, match_len=4, branch_length=8)
+    solo.insert([1, 2, 3, 4, 5, 6] * 2 + [1, 2, 3, 7], source="request", request_id=5)
+    t, p, n, _ = solo.draft_chains([[1, 2, 3]], 6, request_ids=[5])
+    assert t[0, :3].tolist() == [4, 5, 6] and p[0, :3].tolist() == pytest.approx([2 / 3] * 3)
+    assert solo.draft_chains([[1, 2, 3]], 6, request_ids=[5], min_prob=0.7)[2].tolist() == [0]
+    # another request sees none of request 5's counts
+    assert solo.draft_chains([[1, 2, 3]], 6, request_ids=[6])[2].tolist() == [0]
+    # a chain is at most ceil(k * match_factor) long for a k-token match
+    assert trie.draft_chains([[1, 2, 3]], 6, request_ids=[5], match_factor=1.0)[2].tolist() == [3]
+    assert trie.draft_chains([[3]], 6, request_ids=[5], match_factor=0.5)[2].tolist() == [1]
+
+
+def test_draft_chains_are_paths_of_running_count_ratios():
+    rng = np.random.default_rng(0)
+    trie = TrieCache(12, match_len=3, branch_length=6)
+    for rid in (0, 1):
+        trie.insert(rng.integers(0, 12, 80).tolist(), source="request", request_id=rid)
+    trie.insert(rng.integers(0, 12, 200).tolist(), source="shared")
+    contexts = [rng.integers(0, 12, int(rng.integers(1, 6))).tolist() for _ in range(40)]
+    rids = [int(r) if r < 2 else None for r in rng.integers(0, 3, 40)]
+    tokens, probs, lengths, matched = trie.draft_chains(contexts, 5, rids, min_prob=0.05,
+                                                        match_factor=1.5)
+    for ctx, rid, tok, pr, n, k in zip(contexts, rids, tokens.tolist(), probs.tolist(),
+                                       lengths.tolist(), matched.tolist()):
+        assert 0 <= n <= min(5, math.ceil(1.5 * k)) and k <= min(3, len(ctx))
+        assert tok[n:] == [0] * (5 - n) and pr[n:] == [0.0] * (5 - n)
+        if n == 0:
+            continue
+        path = ctx[len(ctx) - k:]
+        ok = False
+        for source in ("request", "shared"):
+            if source == "request" and rid is None:
+                continue
+            p, fits = 1.0, True
+            for j in range(n):
+                above = trie.count(path + tok[:j], source, rid)
+                below = trie.count(path + tok[:j + 1], source, rid)
+                p *= below / above if above else 0.0
+                fits = fits and abs(p - pr[j]) < 1e-12 and p >= 0.05
+            ok = ok or fits
+        assert ok, (ctx, rid, tok[:n], pr[:n])
+
+
+def test_draft_chains_bad_arguments():
+    trie = TrieCache(10, match_len=2, branch_length=4)
+    with pytest.raises(ValueError, match=r"max_len must be in \[1, 1024\], found 0"):
+        trie.draft_chains([[1]], 0)
+    with pytest.raises(ValueError, match="min_prob must be a number in"):
+        trie.draft_chains([[1]], 4, min_prob=1.5)
+    with pytest.raises(ValueError, match="match_factor must be a number"):
+        trie.draft_chains([[1]], 4, match_factor=float("nan"))
+    with pytest.raises(ValueError, match="request_ids has 2 entries for 1 contexts"):
+        trie.draft_chains([[1]], 4, request_ids=[1, 2])
+    with pytest.raises(TypeError, match="contexts must be a list"):
+        trie.draft_chains(torch.tensor([1]), 4)
+    with pytest.raises(ValueError):
+        trie.draft_chains([[1, 10]], 4)  # outside the vocabulary

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -687,6 +688,89 @@ double Trie::time_retrieve(const int64_t* ctx, int64_t n, int64_t max_nodes, int
     retrieve(ctx, n, max_nodes, max_depth, mode, request, tok.data(), par.data());
   const auto t1 = std::chrono::steady_clock::now();
   return std::chrono::duration<double>(t1 - t0).count();
+}
+
+// One chain below `node` in one count source (own: the request's counts, else the shared
+// output counts): the child of largest count (ties: the first in the source's order: the most
+// recently counted) while the running product of the count ratios stays >= min_prob.
+int64_t Trie::follow(uint32_t node, bool own, const Request* req, int64_t limit, double min_prob,
+                     int32_t* tokens, double* probs, double* score) const {
+  double p = 1.0, sum = 0.0;
+  int64_t len = 0;
+  while (len < limit) {
+    uint32_t parent_count = 0, best_count = 0, best = kNil;
+    if (own) {
+      const Request::Slot* slot = has_prompts(req) ? req->find(node) : nullptr;
+      if (!slot) break;
+      parent_count = slot->count;
+      for (uint32_t k = slot->head; k != kNil; k = req->kid(k).next) {
+        const Request::Kid& kid = req->kid(k);
+        if (kid.count > best_count) best_count = kid.count, best = kid.node;
+      }
+    } else {
+      const Node& u = nodes_[node];
+      parent_count = output_count(node);
+      if (u.nkids && u.kids[0].count) best_count = u.kids[0].count, best = u.kids[0].node;
+    }
+    if (best == kNil || parent_count == 0) break;
+    p *= static_cast<double>(best_count) / static_cast<double>(parent_count);
+    if (p < min_prob) break;
+    tokens[len] = nodes_[best].token;
+    probs[len++] = p;
+    sum += p;
+    node = best;
+  }
+  *score = sum;
+  return len;
+}
+
+void Trie::draft_chains(const std::vector<const int64_t*>& ctx, const std::vector<int64_t>& n,
+                        const std::vector<int64_t>& requests, int64_t max_len, double min_prob,
+                        double match_factor, int64_t* tokens, double* probs, int64_t* lengths,
+                        int64_t* matched) const {
+  const size_t B = ctx.size();
+  require(n.size() == B && requests.size() == B,
+          "contexts, lengths and request ids differ in number");
+  require_in(max_len, 1, kMaxBranchLength, "max_len");
+  require(min_prob >= 0.0 && min_prob <= 1.0,
+          "min_prob must be in [0, 1], found " + std::to_string(min_prob));
+  require(match_factor == match_factor, "match_factor must be a number, found NaN");
+  for (size_t b = 0; b < B; ++b) {
+    require(n[b] >= 1, "the context must hold at least one token, found " + std::to_string(n[b]));
+    const int64_t used = std::min(n[b], cfg_.match_len);
+    check_vocab(ctx[b] + n[b] - used, used, "context");
+  }
+  std::vector<int32_t> tok(static_cast<size_t>(max_len));
+  std::vector<double> pr(static_cast<size_t>(max_len));
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  for (size_t b = 0; b < B; ++b) {
+    int64_t* out_tok = tokens + static_cast<int64_t>(b) * max_len;
+    double* out_pr = probs + static_cast<int64_t>(b) * max_len;
+    std::fill(out_tok, out_tok + max_len, 0);
+    std::fill(out_pr, out_pr + max_len, 0.0);
+    lengths[b] = matched[b] = 0;
+    const Request* req = find_request(requests[b]);
+    double best = 0.0;
+    for (int64_t k = std::min(cfg_.match_len, n[b]); k >= 1; --k) {
+      const uint32_t m = match(ctx[b] + n[b] - k, k, req);
+      if (m == kNil) continue;
+      int64_t limit = max_len;
+      if (match_factor > 0.0)
+        limit = std::min<int64_t>(limit, static_cast<int64_t>(std::ceil(k * match_factor)));
+      for (const bool own : {true, false}) {
+        double score = 0.0;
+        const int64_t len = follow(m, own, req, limit, min_prob, tok.data(), pr.data(), &score);
+        if (len == 0 || score <= best) continue;
+        best = score;
+        for (int64_t j = 0; j < max_len; ++j) {
+          out_tok[j] = j < len ? tok[static_cast<size_t>(j)] : 0;
+          out_pr[j] = j < len ? pr[static_cast<size_t>(j)] : 0.0;
+        }
+        lengths[b] = len;
+        matched[b] = k;
+      }
+    }
+  }
 }
 
 int64_t Trie::count(const int64_t* path, int64_t n, bool prompt, int64_t request) const {

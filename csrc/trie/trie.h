@@ -123,6 +123,21 @@ class Trie {
                          const std::vector<int64_t>& requests, int64_t* tokens, int64_t* parents,
                          bool fixed) const;
 
+  // Many contexts under one lock: row b's likeliest continuation of ctx[b][0, n[b]) as a chain.
+  // For each context length k from min(match_len, n[b]) down to 1 whose path the request sees,
+  // and each count source (the request's own counts, then the shared output counts), a chain
+  // follows the child of largest count in that source while the running product of
+  // count(child) / count(parent) stays >= min_prob, for at most min(max_len, ceil(k *
+  // match_factor)) tokens (match_factor <= 0: max_len). A chain's score is the sum of its
+  // running products (its expected accepted drafts if those ratios were the chances); row b
+  // gets the best-scored chain (ties: the longer context, then the request's counts), written
+  // to tokens/probs [B, max_len] (running products; token 0 and probability 0 past its end),
+  // its length to lengths[b] and its context length to matched[b] (0: no chain).
+  void draft_chains(const std::vector<const int64_t*>& ctx, const std::vector<int64_t>& n,
+                    const std::vector<int64_t>& requests, int64_t max_len, double min_prob,
+                    double match_factor, int64_t* tokens, double* probs, int64_t* lengths,
+                    int64_t* matched) const;
+
   // The count of the node at path[0, n) below the root: the output count, or `request`'s
   // prompt count; 0 when there is no such node.
   int64_t count(const int64_t* path, int64_t n, bool prompt, int64_t request) const;
@@ -194,6 +209,8 @@ class Trie {
   int64_t retrieve_locked(const int64_t* ctx, int64_t n, int64_t max_nodes, int64_t max_depth,
                           Mode mode, const Request* req, int64_t* tokens,
                           int64_t* parents) const;
+  int64_t follow(uint32_t node, bool own, const Request* req, int64_t limit, double min_prob,
+                 int32_t* tokens, double* probs, double* score) const;
   int64_t build_hier(uint32_t root, int64_t max_nodes, int64_t max_depth, const Request* req,
                      Scratch& s) const;
   int64_t build_parallel(uint32_t root, int64_t max_nodes, int64_t max_depth,

@@ -296,17 +296,8 @@ class TrieCache:
             tree's size (1 when B == 0).
         """
         K, D, m = self._limits(max_nodes, max_depth, mode)
-        if isinstance(contexts, (torch.Tensor, str, bytes)) or not isinstance(contexts, Sequence):
-            raise TypeError("contexts must be a list of 1-D token sequences, found "
-                            f"{type(contexts).__name__}")
-        B = len(contexts)
-        if request_ids is None:
-            rids = [_request(None)] * B
-        else:
-            if len(request_ids) != B:
-                raise ValueError(f"request_ids has {len(request_ids)} entries for {B} contexts")
-            rids = [_request(r) for r in request_ids]
-        rows = [_tokens(f"contexts[{b}]", c) for b, c in enumerate(contexts)]
+        rows, rids = self._batch(contexts, request_ids)
+        B = len(rows)
         tokens = torch.empty(B, K, dtype=torch.int64)
         parents = torch.empty(B, K, dtype=torch.int64)
         # The native call compacts the rows to [B, T] in place: no torch op runs here (a torch
@@ -318,6 +309,68 @@ class TrieCache:
             tokens.resize_(B, T)
             parents.resize_(B, T)
         return tokens, parents
+
+    def draft_chains(self, contexts: Sequence[TokensLike], max_len: int,
+                     request_ids: Sequence[int | None] | None = None, min_prob: float = 0.1,
+                     match_factor: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each context's likeliest continuation as one chain, with the chance of each draft
+        under the counts, for engines that verify chains (B contexts under one lock).
+
+        For each context length ``k`` from ``match_len`` down to 1 whose path the request sees,
+        and each source (the request's own counts, then the shared counts), a chain follows
+        the child of largest count in that source while the running product of
+        ``count(child) / count(parent)`` stays at least ``min_prob``, for at most
+        ``min(max_len, ceil(k * match_factor))`` tokens (``match_factor <= 0``: ``max_len``).
+        Its score is the sum of those running products; each row gets its best-scored chain
+        (ties: the longer context, then the request's counts).
+
+        Args:
+            contexts: B 1-D token sequences (the last ``match_len`` tokens are matched).
+            max_len: the most drafts per chain, in ``[1, 1024]``.
+            request_ids: one per context (default: None for all).
+            min_prob: the least running product kept, in ``[0, 1]``.
+            match_factor: caps a chain at this many drafts per matched context token (> 0), or
+                not (<= 0).
+
+        Returns:
+            ``(tokens, probs, lengths, matched)``: CPU tensors ``tokens`` int64 ``[B, max_len]``
+            (row b's chain in its first ``lengths[b]`` entries, then 0), ``probs`` float64
+            ``[B, max_len]`` (the running products, non-increasing, then 0), ``lengths`` and
+            ``matched`` int64 ``[B]`` (the chain's context length; 0 where no chain).
+        """
+        L = _validate.integer("max_len", max_len, 1, _native._C.trie_max_branch_length)
+        if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not (
+                0.0 <= min_prob <= 1.0):
+            raise ValueError(f"min_prob must be a number in [0, 1], found {min_prob!r}")
+        if isinstance(match_factor, bool) or not isinstance(match_factor, (int, float)) or (
+                match_factor != match_factor):
+            raise ValueError(f"match_factor must be a number, found {match_factor!r}")
+        rows, rids = self._batch(contexts, request_ids)
+        B = len(rows)
+        tokens = torch.empty(B, L, dtype=torch.int64)
+        probs = torch.empty(B, L, dtype=torch.float64)
+        lengths = torch.empty(B, dtype=torch.int64)
+        matched = torch.empty(B, dtype=torch.int64)
+        self._trie.draft_chains([r.data_ptr() for r in rows], [r.numel() for r in rows], rids, L,
+                                float(min_prob), float(match_factor), tokens.data_ptr(),
+                                probs.data_ptr(), lengths.data_ptr(), matched.data_ptr())
+        return tokens, probs, lengths, matched
+
+    def _batch(self, contexts: Sequence[TokensLike], request_ids: Sequence[int | None] | None
+               ) -> tuple[list[torch.Tensor], list[int]]:
+        """The contexts of a batch call as int64 tensors, and their native request ids."""
+        if isinstance(contexts, (torch.Tensor, str, bytes)) or not isinstance(contexts, Sequence):
+            raise TypeError("contexts must be a list of 1-D token sequences, found "
+                            f"{type(contexts).__name__}")
+        B = len(contexts)
+        if request_ids is None:
+            rids = [_request(None)] * B
+        else:
+            if len(request_ids) != B:
+                raise ValueError(f"request_ids has {len(request_ids)} entries for {B} contexts")
+            rids = [_request(r) for r in request_ids]
+        return [_tokens(f"contexts[{b}]", c) for b, c in enumerate(contexts)], rids
 
     # ---- inspection ------------------------------------------------------------------------
 

@@ -68,20 +68,18 @@ def _host(name: str, x: object) -> np.ndarray:
 
 
 class _Lookup:
-    """A chain retrieved after a request's first ``at`` tokens, scored against the tokens that
-    came next: ``matched`` of its drafts agree with them; ``final`` once one disagrees or the
-    chain is used up. ``drafting``: retrieved where the request may draft (only those lookups
-    teach the acceptance estimate)."""
+    """A chain drafted after a request's first tokens, scored against the tokens that came
+    next: ``matched`` of its drafts agree with them, ``final`` once one disagrees or the chain
+    is used up; ``expected``: the sum of its drafts' chances under the trie's counts."""
 
-    __slots__ = ("chain", "matched", "seen", "final", "drafting")
+    __slots__ = ("chain", "expected", "matched", "final")
 
-    def __init__(self, chain: list[int], drafting: bool) -> None:
-        self.chain, self.drafting = chain, drafting
-        self.matched = self.seen = 0
+    def __init__(self, chain: list[int], expected: float) -> None:
+        self.chain, self.expected = chain, expected
+        self.matched = 0
         self.final = False
 
     def advance(self, new: list[int]) -> None:
-        self.seen += len(new)
         for t in new:
             if self.final:
                 return
@@ -91,30 +89,22 @@ class _Lookup:
             else:
                 self.final = True
 
-    def followed(self) -> bool:
-        """Whether every token out since the retrieval (at least one) agreed with the chain,
-        as far as it reaches."""
-        return self.seen > 0 and self.matched == min(self.seen, len(self.chain))
-
 
 class _Request:
     """What the proposer holds for one request, in whichever row holds it: the tokens inserted
     into its request-local counts (``tokens[:n]``, int32), where its prompt ended, its
-    acceptance estimate (decayed sums over scored lookups: ``gain[L]`` the drafts a draft of
-    length L would have had accepted, ``weight`` of 1), its lookups awaiting their outcome,
-    the newest one, and the length of its last draft."""
+    calibration (decayed sums over its scored chains of the drafts that agreed with what came
+    next, ``hits``, and of what the counts expected, ``expected``), its chains awaiting their
+    outcome, and the length of its last draft."""
 
-    __slots__ = ("rid", "tokens", "n", "prompt_len", "gain", "weight", "pending", "newest",
-                 "draft_len")
+    __slots__ = ("rid", "tokens", "n", "prompt_len", "hits", "expected", "pending", "draft_len")
 
-    def __init__(self, rid: int, tokens: np.ndarray, prompt_len: int, k: int) -> None:
+    def __init__(self, rid: int, tokens: np.ndarray, prompt_len: int) -> None:
         self.rid, self.n, self.prompt_len = rid, len(tokens), prompt_len
         self.tokens = np.empty(max(64, 2 * len(tokens)), dtype=np.int32)
         self.tokens[:self.n] = tokens
-        self.gain = [0.0] * (k + 1)
-        self.weight = 0.0
+        self.hits = self.expected = 0.0
         self.pending: list[_Lookup] = []
-        self.newest: _Lookup | None = None
         self.draft_len = 0
 
     def prefix_of(self, row: np.ndarray, n: int) -> bool:
@@ -139,10 +129,15 @@ class TrieProposer:
     **The trie.** One :class:`TrieCache` (``self.trie``, ``MAX_NODES_TOTAL`` nodes, least
     recently used eviction) holds the *shared* counts (every finished request's output, with
     the prompt tokens it followed) and, per live request, its *request-local* counts (its prompt
-    and output so far), visible only to that request's retrievals. Retrieval ranks a request's
-    own counts first. The whole batch is retrieved in one native call that releases the GIL; a
-    row's draft is the best chain of the ``"parallel"`` tree (the first chain, from the root's
-    first child), cut at the chosen length and at the room left below ``max_model_len``.
+    and output so far), visible only to that request's retrievals. The whole batch is drafted
+    in one native call that releases the GIL (:meth:`TrieCache.draft_chains
+    <fastdecode.decoding.TrieCache.draft_chains>`): per row, for each length k of its last
+    ``MATCH_LEN`` tokens that the trie holds, and in each of the request's counts and the
+    shared counts, the chain of most frequent continuations, cut where the running product of
+    the count ratios (the chance of the chain so far) falls below ``MIN_PROB`` and at
+    ``MATCH_FACTOR * k`` tokens (a short match predicts little); the chain whose chances sum
+    highest wins. The draft is its first tokens, as many as pay (below), and never past
+    ``max_model_len``.
 
     **Requests without request ids.** vLLM passes rows, not requests, and reuses and reorders
     rows as requests finish, join and are preempted. The proposer keeps, per request, the tokens
@@ -168,20 +163,20 @@ class TrieProposer:
     GPU at small batches) and dear where every token costs (a CPU, large batches). Until the
     drafts have varied enough to fit, ``c = TOKEN_COST`` (environment:
     ``FASTDECODE_VLLM_TOKEN_COST``); while they do not vary, one step in
-    ``EngineStepCosts.EXPLORE_EVERY`` drafts half its chosen lengths. Each step's chain is scored as the row's next
-    tokens come out: where its first m drafts agree with them, a draft of its first d tokens
-    has ``min(m, d)`` accepted (what vLLM reports back as ``len(sampled) - 1``), so one chain
-    tells what every draft length would have had accepted, without another forward. Per
-    request, a decayed (``DECAY``) sum of that per draft length, over the lookups of steps that
-    may draft, prices each length with :class:`~fastdecode.decoding.budget.BudgetChooser`
-    against drafting nothing. A step may draft only where the row follows the trie (its previous
-    draft was fully accepted, or its tokens since the previous lookup all followed that chain)
-    or the trie offers a single continuation; elsewhere the row gets ``[]``. Until one of its
-    lookups has been scored, a request that may draft drafts the whole chain.
+    ``EngineStepCosts.EXPLORE_EVERY`` drafts half its chosen lengths. A draft of the chain's
+    first d tokens is expected to bring ``1 + s * (p_1 + ... + p_d)`` tokens, p_j the chain's
+    running chances, and :class:`~fastdecode.decoding.budget.BudgetChooser` takes the d (or no
+    draft) with the most tokens per cost. The request's calibration s is learned online: each
+    chain is scored as the row's next tokens come out (its first m drafts agreed with them, what
+    vLLM reports back as accepted wherever they were drafted), and ``s = (hits + PRIOR) /
+    (expected + PRIOR)`` over decayed (``DECAY``) sums of m and of the chances summed, so a
+    request whose text the trie predicts well drafts long, and one that never copies soon
+    drafts nothing.
 
     Settings (class attributes): ``TOKEN_COST`` (c before a fit), ``MATCH_LEN`` (the most trailing
-    tokens a retrieval matches), ``MAX_NODES_TOTAL`` (the trie's node budget, about 190 bytes a
-    node), ``DECAY`` (the estimate's weight of its past per scored lookup).
+    tokens matched), ``MIN_PROB`` and ``MATCH_FACTOR`` (the chain cuts), ``PRIOR`` and
+    ``DECAY`` (the calibration's prior weight and its weight of the past per scored chain),
+    ``MAX_NODES_TOTAL`` (the trie's node budget, about 190 bytes a node).
 
     Args:
         vllm_config: vLLM's ``VllmConfig``; read: ``speculative_config.num_speculative_tokens``
@@ -191,9 +186,12 @@ class TrieProposer:
     """
 
     TOKEN_COST = 0.1
-    MATCH_LEN = 2
+    MATCH_LEN = 8
+    MIN_PROB = 0.1
+    MATCH_FACTOR = 1.0
+    PRIOR = 1.0
     MAX_NODES_TOTAL = 1 << 20
-    DECAY = 0.8
+    DECAY = 0.9
 
     def __init__(self, vllm_config: object) -> None:
         field = "vllm_config.speculative_config.num_speculative_tokens"
@@ -306,7 +304,7 @@ class TrieProposer:
                 self._end(req)
 
         drafts: list[list[int] | None] = [None] * B
-        rows, contexts, following = [], [], []
+        rows, contexts = [], []
         for i, sampled, n in active:
             req = self._rows[i]
             req = self._start(tokens[i], n, sampled) if req is None else self._update(
@@ -322,56 +320,30 @@ class TrieProposer:
                 continue
             rows.append((i, n))
             contexts.append(req.tokens[max(0, n - self.trie.match_len):n].astype(np.int64))
-            following.append(0 < drafted <= sampled - 1
-                             or (req.newest is not None and req.newest.followed()))
         self._steps += 1
         if not rows:
             return drafts
         curve = [(1, 1.0), (2, 1.0 + self.costs.token_cost(len(rows)))]
         explore = self.costs.explore()
-        tree_tokens, parents = self.trie.retrieve_batch(
-            contexts, max_nodes=self.k + 2, max_depth=self.k, mode="parallel",
-            request_ids=[self._rows[i].rid for i, _ in rows])
-        for (i, n), toks, pars, follows in zip(rows, tree_tokens.tolist(), parents.tolist(),
-                                               following):
-            req = self._rows[i]
-            end = 1
-            while end < len(pars) and pars[end] == end - 1:
-                end += 1
-            chain = toks[1:end]
-            req.newest = None
-            if not chain:
+        chains, chances, lengths, _ = self.trie.draft_chains(
+            contexts, self.k, request_ids=[self._rows[i].rid for i, _ in rows],
+            min_prob=self.MIN_PROB, match_factor=self.MATCH_FACTOR)
+        for (i, n), toks, probs, L in zip(rows, chains.tolist(), chances.tolist(),
+                                          lengths.tolist()):
+            if not L:
                 continue
-            single = 0 not in pars[end:]
-            may = follows or single
-            req.newest = look = _Lookup(chain, may)
-            if may:
-                length = self.chooser.choose(curve, self._options(req, len(chain)))
-                length = (length + 1) // 2 if explore else length
-                drafts[i] = chain[:min(length, tokens.shape[1] - n)]
-                req.draft_len = len(drafts[i])
-            req.pending.append(look)
+            req = self._rows[i]
+            expected = list(itertools.accumulate(probs[:L]))
+            req.pending.append(_Lookup(toks[:L], expected[-1]))
+            scale = (req.hits + self.PRIOR) / (req.expected + self.PRIOR)
+            options = [Option(0, "drafts=0", 1.0, 1.0)] + [
+                Option(d, f"drafts={d}", 1.0 + scale * expected[d - 1], 1.0 + d)
+                for d in range(1, L + 1)]
+            length = self.chooser.choose(curve, options)
+            length = (length + 1) // 2 if explore else length
+            drafts[i] = toks[:min(length, tokens.shape[1] - n)]
+            req.draft_len = len(drafts[i])
         return drafts
-
-    def _options(self, req: _Request, longest: int) -> list[Option]:
-        """Drafting nothing, and each length up to ``longest`` with its expected tokens from the
-        request's estimate (its pending lookups counted with what they matched so far), but for
-        lengths that would have had no more drafts accepted than one token shorter (they cost
-        more for the same tokens); before any lookup has been scored, the whole chain alone."""
-        weight, gain = req.weight, list(req.gain)
-        for look in req.pending:
-            if look.drafting and look.seen:
-                weight, gain = self._scored(weight, gain, look.matched)
-        if not weight:
-            return [Option(longest, f"drafts={longest}", 1.0, 1.0 + longest)]
-        return [Option(0, "drafts=0", 1.0, 1.0)] + [
-            Option(n, f"drafts={n}", 1.0 + gain[n] / weight, 1.0 + n)
-            for n in range(1, longest + 1) if gain[n] > gain[n - 1]]
-
-    def _scored(self, weight: float, gain: list[float], matched: int) -> tuple[float, list[float]]:
-        """The estimate with one more lookup that had ``matched`` drafts confirmed."""
-        d = self.DECAY
-        return d * weight + 1.0, [d * g + min(matched, n) for n, g in enumerate(gain)]
 
     def _take(self, detached: dict[tuple[int, int], list[_Request]], row: np.ndarray, n: int,
               before: int) -> _Request | None:
@@ -389,7 +361,7 @@ class TrieProposer:
         for tokens outside the vocabulary."""
         if int(row[:n].min()) < 0 or int(row[:n].max()) >= self.vocab_size:
             return None
-        req = _Request(next(self._rids), row[:n], max(0, n - sampled), self.k)
+        req = _Request(next(self._rids), row[:n], max(0, n - sampled))
         self.trie.insert(req.tokens[:n].astype(np.int64), source="request", request_id=req.rid)
         self._started += 1
         return req
@@ -414,8 +386,9 @@ class TrieProposer:
             look.advance(new_tokens)
             if not look.final:
                 keep.append(look)
-            elif look.drafting:
-                req.weight, req.gain = self._scored(req.weight, req.gain, look.matched)
+                continue
+            req.hits = self.DECAY * req.hits + look.matched
+            req.expected = self.DECAY * req.expected + look.expected
         req.pending = keep
         return req
 

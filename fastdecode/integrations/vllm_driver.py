@@ -152,8 +152,10 @@ def methods_to_run(spec: str) -> list[str]:
 def summarize(run: dict, baseline: dict | None) -> dict:
     """One workload at one concurrency (a ``runs`` entry of a method's results) against the
     same run without speculation: output tokens, wall seconds, tokens/s, mean tokens per decode
-    step of a request (1 + its accepted drafts; its prefill step left out), the speedup in
-    tokens/s and how many sessions gave exactly the baseline's tokens (every turn)."""
+    step of a request (1 + its accepted drafts; its prefill step left out), draft tokens per
+    decode step and the share of them accepted (vLLM's counters; what verification cost and
+    what it bought), the speedup in tokens/s and how many sessions gave exactly the baseline's
+    tokens (every turn)."""
     sessions = run["sessions"]
     tokens = sum(len(t) for s in sessions for t in s["tokens"])
     decoded = sum(max(0, len(t) - 1) for s in sessions for t in s["tokens"])
@@ -161,6 +163,10 @@ def summarize(run: dict, baseline: dict | None) -> dict:
     out = {"workload": run["workload"], "concurrency": run["concurrency"], "tokens": tokens,
            "seconds": run["seconds"], "tokens_per_s": tokens / run["seconds"],
            "tokens_per_step": decoded / steps if steps else 1.0, "sessions": len(sessions)}
+    spec = run.get("spec_decode") or {}
+    drafted = spec.get("draft_tokens", 0)
+    out["drafted_per_step"] = drafted / steps if steps else 0.0
+    out["accepted_share"] = spec.get("accepted_tokens", 0) / drafted if drafted else 0.0
     if baseline is not None:
         base = {s["name"]: s["tokens"] for s in baseline["sessions"]}
         out["speedup"] = out["tokens_per_s"] / (
@@ -197,7 +203,23 @@ def make_engine(method: str, model_dir: str, max_num_seqs: int = max(CONCURRENCY
     # asked to; the workers are this run's own processes
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=2048,
-               max_num_seqs=max_num_seqs, seed=0, speculative_config=METHODS[method])
+               max_num_seqs=max_num_seqs, seed=0, speculative_config=METHODS[method],
+               disable_log_stats=False)
+
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts",
+                 "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+
+
+def spec_counters(llm: object) -> dict[str, int]:
+    """vLLM's speculative-decoding counters so far (drafts: row-steps that drafted; draft and
+    accepted tokens), 0 for those it does not keep (no speculation)."""
+    out = dict.fromkeys(SPEC_COUNTERS.values(), 0)
+    for metric in llm.get_metrics():  # type: ignore[attr-defined]
+        if metric.name in SPEC_COUNTERS:
+            out[SPEC_COUNTERS[metric.name]] += int(metric.value)
+    return out
 
 
 def _bar(label: str):
@@ -226,13 +248,16 @@ def _run(args: argparse.Namespace) -> dict:
     for workload in args.workloads.split(","):
         for c in (int(x) for x in args.concurrency.split(",")):
             sessions = sessions_of(workload, args.max_tokens)
+            before = spec_counters(llm)
             seconds = serve(engine, tokenizer, sessions, c, args.temperature,
                             progress=_bar(f"{args.method} {workload} c={c}"))
+            after = spec_counters(llm)
             stats = llm.collective_rpc(fresh_drafter)[0] if METHODS[args.method] else None
             llm.reset_prefix_cache()
             results.append({
                 "workload": workload, "concurrency": c, "seconds": seconds,
                 "drafter_stats": stats,
+                "spec_decode": {k: after[k] - before[k] for k in after},
                 "sessions": [{"name": s.name, "category": s.category, "tokens": s.tokens,
                               "seconds": s.seconds, "steps": s.steps} for s in sessions]})
     return {"method": args.method, "temperature": args.temperature, "runs": results}

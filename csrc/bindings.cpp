@@ -39,6 +39,18 @@ void check_tree(int64_t B, int64_t T) {
               std::to_string(T));
 }
 
+// A batch call's context pointers, each checked against its length.
+std::vector<const int64_t*> context_rows(const std::vector<Ptr>& ctx,
+                                         const std::vector<int64_t>& n) {
+  require(ctx.size() == n.size(), "one length per context is needed");
+  std::vector<const int64_t*> rows(ctx.size());
+  for (size_t b = 0; b < ctx.size(); ++b) {
+    require_ptr(ctx[b], n[b], "context");
+    rows[b] = as<const int64_t>(ctx[b]);
+  }
+  return rows;
+}
+
 void check_verify(Ptr draft, Ptr parents, Ptr predicted, int64_t B, int64_t T, int64_t max_depth,
                   Ptr accept_len, Ptr best_node, Ptr path, Ptr tokens) {
   check_tree(B, T);
@@ -273,13 +285,8 @@ void bind_trie(py::module_& m) {
            [](const Trie& t, const std::vector<Ptr>& ctx, const std::vector<int64_t>& n,
               int64_t max_nodes, int64_t max_depth, int mode, const std::vector<int64_t>& requests,
               Ptr tokens, Ptr parents, bool fixed) {
-             require(ctx.size() == n.size(), "one length per context is needed");
+             const std::vector<const int64_t*> rows = context_rows(ctx, n);
              const int64_t B = static_cast<int64_t>(ctx.size());
-             std::vector<const int64_t*> rows(ctx.size());
-             for (size_t b = 0; b < ctx.size(); ++b) {
-               require_ptr(ctx[b], n[b], "context");
-               rows[b] = as<const int64_t>(ctx[b]);
-             }
              require(max_nodes >= 1, "max_nodes must be >= 1");
              require_ptr(tokens, B * max_nodes, "tokens");
              require_ptr(parents, B * max_nodes, "parents");
@@ -291,13 +298,8 @@ void bind_trie(py::module_& m) {
            [](const Trie& t, const std::vector<Ptr>& ctx, const std::vector<int64_t>& n,
               const std::vector<int64_t>& requests, int64_t max_len, double min_prob,
               double match_factor, Ptr tokens, Ptr probs, Ptr lengths, Ptr matched) {
-             require(ctx.size() == n.size(), "one length per context is needed");
+             const std::vector<const int64_t*> rows = context_rows(ctx, n);
              const int64_t B = static_cast<int64_t>(ctx.size());
-             std::vector<const int64_t*> rows(ctx.size());
-             for (size_t b = 0; b < ctx.size(); ++b) {
-               require_ptr(ctx[b], n[b], "context");
-               rows[b] = as<const int64_t>(ctx[b]);
-             }
              require(max_len >= 1, "max_len must be >= 1");
              require_ptr(tokens, B * max_len, "tokens");
              require_ptr(probs, B * max_len, "probs");

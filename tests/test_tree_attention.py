@@ -1,6 +1,7 @@
 """tree_attention: the torch reference against a per-query loop, the Triton kernel against the
 reference (dtypes, head dims, GQA/MQA, T=1 and odd T, per-row prefixes, empty prefixes, chain and
-bushy trees, split-KV, strided inputs), queries that see nothing, and bad inputs.
+bushy trees, split-KV, strided inputs, sliding windows and soft-capping), queries that see
+nothing, and bad inputs.
 
 Under TRITON_INTERPRET=1 the kernel runs on CPU tensors with small shapes; D=128/256 and larger
 shapes run only on a GPU (mark ``gpu``).
@@ -61,6 +62,8 @@ class Case:
     seg_start: int | None = None
     pad: int = 3
     splits: int | None = None  # force split-KV in the launcher
+    window: int | None = None
+    softcap: float | None = None
 
     def inputs(self, device: str, seed: int = 0) -> dict:
         gen = torch.Generator().manual_seed(seed)
@@ -75,7 +78,8 @@ class Case:
                     v=randn(self.B, self.Hkv, S, self.D),
                     kv_start=torch.tensor([s for s, _ in self.prefix], device=device),
                     kv_len=torch.tensor([e for _, e in self.prefix], device=device),
-                    seg_start=seg, mask=mask.to(device))
+                    seg_start=seg, mask=mask.to(device), window=self.window,
+                    softcap=self.softcap)
 
 
 def reference(a: dict, scale: float | None = None) -> torch.Tensor:
@@ -93,7 +97,8 @@ def triton_out(a: dict, splits: int | None = None, scale: float | None = None) -
 
     D = a["q"].shape[-1]
     return tree_attention_triton(a["q"], a["k"], a["v"], a["kv_start"], a["kv_len"],
-                                 a["seg_start"], a["mask"], scale or 1 / math.sqrt(D), splits)
+                                 a["seg_start"], a["mask"], scale or 1 / math.sqrt(D),
+                                 a["window"] or 0, a["softcap"] or 0.0, splits)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -106,25 +111,38 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 # ---- the reference against an independent per-query computation ------------------------------
 
 
-def loop_attention(q, k, v, kv_start, kv_len, seg_start, dense_mask, scale):
-    """Per (row, head, query): gather the visible keys, torch.softmax, weighted sum."""
+def loop_attention(q, k, v, kv_start, kv_len, seg_start, dense_mask, scale, window=None,
+                   softcap=None):
+    """Per (row, head, query): gather the visible keys (by position, within ``window``),
+    soft-cap the scores, torch.softmax, weighted sum. Prefix key n sits at position
+    ``n - kv_start``, tree node t at ``kv_len - kv_start + depth(t)``."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     out = torch.zeros(B, T, Hq, D)
     for b in range(B):
+        start, end = int(kv_start[b]), int(kv_len[b])
+        depth = [sum(dense_mask[b][t]) - 1 for t in range(T)]
         for h in range(Hq):
             for i in range(T):
-                keys = list(range(int(kv_start[b]), int(kv_len[b])))
-                keys += [seg_start + t for t in range(T) if dense_mask[b][i][t]]
+                here = end - start + depth[i]
+                keys = [(n, n - start) for n in range(start, end)]
+                keys += [(seg_start + t, end - start + depth[t]) for t in range(T)
+                         if dense_mask[b][i][t]]
+                keys = [n for n, pos in keys if window is None or here - pos < window]
                 if not keys:
                     continue
                 kk, vv = k[b, h // G, keys].double(), v[b, h // G, keys].double()
-                w = torch.softmax(kk @ q[b, h, i].double() * scale, dim=0)
+                x = kk @ q[b, h, i].double() * scale
+                if softcap is not None:
+                    x = softcap * torch.tanh(x / softcap)
+                w = torch.softmax(x, dim=0)
                 out[b, i, h] = (w @ vv).float()
     return out
 
 
-def test_reference_matches_a_per_query_loop():
+@pytest.mark.parametrize("window,softcap", [(None, None), (1, None), (3, None), (8, None),
+                                            (None, 2.0), (4, 0.7)])
+def test_reference_matches_a_per_query_loop(window, softcap):
     B, Hq, Hkv, T, D, S = 3, 4, 2, 6, 16, 20
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(*s, generator=gen) for s in ((B, Hq, T, D), (B, Hkv, S, D),
@@ -132,8 +150,10 @@ def test_reference_matches_a_per_query_loop():
     dense = tree_mask(parents_of("bushy", B, T, gen))
     dense[1, 2] = False  # row 1 has an empty prefix too: query 2 there sees nothing
     kv_start, kv_len = torch.tensor([0, 4, 2]), torch.tensor([9, 4, 11])
-    want = loop_attention(q, k, v, kv_start, kv_len, 12, dense.tolist(), 0.3)
-    got = tree_attention_reference(q, k, v, kv_start, kv_len, 12, pack_tree_mask(dense), 0.3)
+    want = loop_attention(q, k, v, kv_start, kv_len, 12, dense.tolist(), 0.3, window, softcap)
+    with fastdecode.use_backend("torch"):
+        got = tree_attention(q, k, v, kv_start, kv_len, 12, pack_tree_mask(dense), scale=0.3,
+                             window=window, softcap=softcap)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.all(got[1, 2] == 0)
 
@@ -156,6 +176,16 @@ SMALL = {
     "split2-fp16": Case(T=33, D=64, dtype=torch.float16, prefix=((3, 50),), splits=2),
     "split4-mqa-bf16": Case(B=2, Hq=3, Hkv=1, T=3, D=80, dtype=torch.bfloat16,
                             prefix=((0, 64), (1, 2)), splits=4),
+    "window1-T5-fp32": Case(T=5, window=1),
+    "window6-T37-bushy-gqa-B3-fp32": Case(B=3, Hq=4, Hkv=2, T=37, window=6,
+                                         prefix=((0, 19), (5, 5), (3, 11))),
+    "window9-chain-fp16": Case(T=20, D=64, dtype=torch.float16, kind="chain", window=9,
+                               prefix=((2, 90),)),
+    "window70-B2-bf16": Case(B=2, T=7, dtype=torch.bfloat16, window=70, prefix=((0, 100), (9, 40))),
+    "softcap-gqa-B3-bf16": Case(B=3, Hq=4, Hkv=2, T=9, D=64, dtype=torch.bfloat16, softcap=1.5,
+                                prefix=((4, 30), (0, 0), (1, 17))),
+    "window-softcap-split3-fp32": Case(B=3, Hq=4, Hkv=2, T=6, window=23, softcap=0.9,
+                                       prefix=((0, 70), (10, 11), (33, 33)), splits=3),
 }
 
 LARGE = {  # the split heuristic engages by itself here: few programs, long prefixes
@@ -170,6 +200,10 @@ LARGE = {  # the split heuristic engages by itself here: few programs, long pref
     "D128-fp32": Case(B=2, Hq=4, Hkv=2, T=40, D=128, prefix=((0, 513), (2, 90))),
     "D96-T2048-fp16": Case(B=1, Hq=2, Hkv=1, T=2048, D=96, dtype=torch.float16,
                            prefix=((0, 100),)),
+    "D256-window-softcap-bf16": Case(B=2, Hq=8, Hkv=4, T=64, D=256, dtype=torch.bfloat16,
+                                     window=512, softcap=50.0, prefix=((0, 1500), (37, 800))),
+    "D128-window40-T100-fp16": Case(B=2, Hq=4, Hkv=1, T=100, D=128, dtype=torch.float16,
+                                    kind="chain", window=40, prefix=((0, 1300), (3, 300))),
 }
 
 
@@ -311,6 +345,12 @@ BAD = [
     (bad(kv_start=lambda x: torch.tensor([-1, 0])), ValueError,
      r"kv_start must be >= 0, found \[-1, 0\]"),
     (bad(q="q"), TypeError, r"q must be a torch.Tensor, found str"),
+    (bad(window=0), ValueError, r"window must be >= 1 \(positions a query sees\), found 0"),
+    (bad(window=2.0), TypeError, r"window must be an int or None, found float"),
+    (bad(softcap=0.0), ValueError, r"softcap must be a finite float > 0, found 0.0"),
+    (bad(softcap=-1), ValueError, r"softcap must be a finite float > 0, found -1"),
+    (bad(softcap=math.inf), ValueError, r"softcap must be a finite float > 0, found inf"),
+    (bad(softcap="50"), TypeError, r"softcap must be a float or None, found str"),
 ]
 
 

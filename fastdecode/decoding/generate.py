@@ -168,6 +168,13 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
     vocab = model.config.vocab_size
     if bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab})")
+    longest = int(mask.sum(-1).max())
+    limit = runner.position_limit
+    if limit is not None and max_new_tokens > 0 and longest + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"{type(model).__name__} has {limit} learned positions (max_position_embeddings): "
+            f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 must fit in them, "
+            f"found {longest} + {max_new_tokens} - 1 = {longest + max_new_tokens - 1}")
 
     drafter: Drafter
     if drafting == "jacobi" and config == "auto":

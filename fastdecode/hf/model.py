@@ -5,6 +5,12 @@ Cache layout: one transformers ``DynamicCache`` of physical length S shared by t
 valid keys are rows ``[kv_start[b], kv_len[b])`` (``kv_start`` skips left padding); rows past
 ``kv_len[b]`` may hold stale entries of other rows' longer acceptances and are never attended.
 A tree step appends its T tokens at rows ``S .. S+T-1`` for every batch row.
+
+Sliding windows: the cache keeps every layer's full history, sliding-window layers included
+(transformers would give those a rolling cache of the window's length, whose rows cannot be
+compacted per row), and the window is applied where the keys are read: by the ``fastdecode``
+attention, or by the 4-D masks the runner builds for sdpa and eager (one per layer type). A
+sliding layer's cache therefore costs as much memory as a full layer's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from fastdecode.decoding.step_costs import PROBE_TOKENS, StepCosts, costs_of
 from fastdecode.ops import compact_kv, pack_tree_mask, tree_mask, tree_positions
 
 SUPPORTED_ATTENTION = ("fastdecode", "sdpa", "eager")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class TreeStep(NamedTuple):
@@ -49,6 +56,10 @@ def check_model(model: object) -> None:
         raise TypeError(f"{name} has no language-model head; pass a *ForCausalLM model")
     if getattr(model.config, "is_encoder_decoder", False):
         raise TypeError(f"{name} is an encoder-decoder model; fastdecode decodes causal LMs")
+    unknown = sorted(set(getattr(model.config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if unknown:
+        raise TypeError(f"{name} has layers of type {', '.join(unknown)}; fastdecode runs "
+                        f"{' and '.join(LAYER_TYPES)} layers")
     impl = model.config._attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(
@@ -57,13 +68,38 @@ def check_model(model: object) -> None:
         )
 
 
-def _new_cache(model) -> object:
+def _new_cache() -> object:
+    """A transformers ``DynamicCache`` of full layers only (see the module docstring)."""
     from transformers import DynamicCache
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # releases whose DynamicCache takes no config
-        return DynamicCache()
+    return DynamicCache()
+
+
+def mask_windows(config) -> tuple[str, int | None]:
+    """How the 4-D masks of a tree step carry ``config``'s sliding window:
+    ``("none", None)`` (no layer slides), ``("all", W)`` (every layer slides by W: Mistral,
+    Phi3, Mixtral; the model reads one mask) or ``("per_type", W)`` (``layer_types`` mixes full
+    and sliding layers: Gemma2/3, Qwen2/3 with ``use_sliding_window``; the model reads a dict
+    of one mask per layer type)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return "none", None
+    return ("all" if types is None else "per_type"), int(window)
+
+
+def position_limit(model) -> int | None:
+    """The number of positions a model with learned position embeddings has (GPT-2's
+    ``n_positions``), past which it cannot run; None for rotary and other relative positions,
+    which transformers lets run past ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    tokens = model.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens
+                  and m.num_embeddings in (limit, limit + 2)  # OPT offsets its positions by 2
+                  for m in model.modules())
+    return int(limit) if learned else None
 
 
 class _Clock:
@@ -124,6 +160,8 @@ class TreeRunner:
         # the prefill needs the last position's logits only: [B, L, V] would cost a vocabulary
         # projection per prompt token
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._windows = mask_windows(model.config)
+        self.position_limit = position_limit(model)
         self.cache = None
         self.kv_start: torch.Tensor | None = None
         self.kv_len: torch.Tensor | None = None
@@ -166,7 +204,7 @@ class TreeRunner:
         """Runs the left-padded prompts ``[B, L]`` (mask 1 on real tokens) and returns the last
         position's logits ``[B, V]``. The last prompt token's KV is kept, like any prefix."""
         B, L = input_ids.shape
-        self.cache = _new_cache(self.model)
+        self.cache = _new_cache()
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self._clock.time(
             lambda: self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -189,13 +227,19 @@ class TreeRunner:
     def forward(self, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """One forward of a draft tree per row: ``tokens``/``parents`` int64 ``[B, T]`` (node 0
         is each row's last token, whose KV is not cached yet). Node j sits at position
-        ``len(row) + depth(j)`` and attends to the row's prefix and its own ancestors. Returns
-        logits ``[B, T, V]``; the cache grows by T rows. Its time goes to :attr:`costs`."""
+        ``len(row) + depth(j)`` and attends to the row's prefix and its own ancestors (within
+        each layer's sliding window). Returns logits ``[B, T, V]``; the cache grows by T rows.
+        Its time goes to :attr:`costs`.
+
+        On a model with learned positions, nodes past :attr:`position_limit` run at the last
+        position: the caller keeps every position whose prediction is emitted inside it."""
         B, T = tokens.shape
         S = self.seq_len
         self._clock.poll()
         _, mask, packed = self._tree_masks(parents)
         positions = tree_positions(parents, self.kv_len - self.kv_start, validate=False)
+        if self.position_limit is not None:
+            positions = positions.clamp(max=self.position_limit - 1)
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "position_ids": positions}
         if self.model.config._attn_implementation == "fastdecode":
             kwargs["fastdecode_tree"] = TreeStep(self.kv_start, self.kv_len, S, packed)
@@ -203,12 +247,25 @@ class TreeRunner:
             keys = torch.arange(S, device=tokens.device)
             prefix = (keys >= self.kv_start[:, None]) & (keys < self.kv_len[:, None])
             allowed = torch.cat([prefix[:, None, :].expand(B, T, S), mask], dim=-1)
-            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
-            additive = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
-            fill = torch.finfo(dtype).min
-            kwargs["attention_mask"] = additive.masked_fill_(~allowed, fill)[:, None]
+            style, window = self._windows
+            if style == "none":
+                kwargs["attention_mask"] = self._additive(allowed)
+            else:
+                # query minus key positions: prefix row n sits at n - kv_start
+                key_pos = torch.cat([(keys - self.kv_start[:, None]).clamp(min=0), positions], 1)
+                near = allowed & (positions[:, :, None] - key_pos[:, None, :] < window)
+                kwargs["attention_mask"] = self._additive(near) if style == "all" else {
+                    "full_attention": self._additive(allowed),
+                    "sliding_attention": self._additive(near)}
         return self._clock.time(lambda: self.model(input_ids=tokens, **kwargs).logits,
                                 lambda seconds: self.costs.add(S, T, seconds))
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The additive float mask ``[B, 1, T, S+T]`` (0 or the dtype's min) of bool
+        ``allowed [B, T, S+T]``, in the model's dtype."""
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, count_host: list[int]) -> None:
         """Keeps, per row, the KV of the tree nodes ``path[b, :count[b]]`` (root first), moved

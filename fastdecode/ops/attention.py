@@ -33,28 +33,39 @@ def unpack_tree_mask(mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def visible_keys(kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int,
-                 mask: torch.Tensor, S: int) -> torch.Tensor:
-    """bool ``[B, T, S]``: which key rows each query may attend to."""
+                 mask: torch.Tensor, S: int, window: int = 0) -> torch.Tensor:
+    """bool ``[B, T, S]``: which key rows each query may attend to. With ``window`` > 0 a
+    query at tree depth d (position ``kv_len - kv_start + d``) sees only the keys less than
+    ``window`` positions behind it (prefix row n sits at position ``n - kv_start``)."""
     B, T, _ = mask.shape
     n = torch.arange(S, device=mask.device)
     prefix = (n >= kv_start[:, None]) & (n < kv_len[:, None]) & (n < seg_start)  # [B, S]
     allowed = prefix[:, None, :].expand(B, T, S).clone()
-    allowed[:, :, seg_start:seg_start + T] = unpack_tree_mask(mask, T)
+    tree = unpack_tree_mask(mask, T)
+    if window > 0:
+        depth = tree.sum(-1) - 1  # [B, T]: ancestors in each node's mask row
+        behind = kv_len[:, None, None] + depth[:, :, None] - n  # [B, T, S], query minus key
+        allowed &= behind < window
+        tree = tree & (depth[:, :, None] - depth[:, None, :] < window)
+    allowed[:, :, seg_start:seg_start + T] = tree
     return allowed
 
 
 def tree_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int,
-                             mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain-torch :func:`tree_attention`: a dense boolean mask, then matmul and softmax in
-    fp32 (a query that sees no key gets zeros)."""
+                             mask: torch.Tensor, scale: float, window: int = 0,
+                             softcap: float = 0.0) -> torch.Tensor:
+    """Plain-torch :func:`tree_attention`: a dense boolean mask, then matmul, soft-cap (when
+    ``softcap`` > 0) and softmax in fp32 (a query that sees no key gets zeros)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qf = q.float().reshape(B, Hkv, G, T, D)
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]  # [B, Hkv, 1, S, D]
     scores = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
-    allowed = visible_keys(kv_start, kv_len, seg_start, mask, S)[:, None, None]
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = visible_keys(kv_start, kv_len, seg_start, mask, S, window)[:, None, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - torch.where(top == float("-inf"), 0.0, top))
@@ -65,11 +76,13 @@ def tree_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int,
-                           mask: torch.Tensor, scale: float) -> torch.Tensor:
+                           mask: torch.Tensor, scale: float, window: int = 0,
+                           softcap: float = 0.0) -> torch.Tensor:
     # Imported on first use: triton is optional, and importing it costs time.
     from fastdecode.triton_kernels.tree.attention import tree_attention_triton
 
-    return tree_attention_triton(q, k, v, kv_start, kv_len, seg_start, mask, scale)
+    return tree_attention_triton(q, k, v, kv_start, kv_len, seg_start, mask, scale, window,
+                                 softcap)
 
 
 register("tree_attention", "torch")(tree_attention_reference)
@@ -82,12 +95,14 @@ register("tree_attention", "triton")(_tree_attention_triton)
 @torch.library.custom_op("fastdecode::tree_attention", mutates_args=())
 def _tree_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int,
-                       mask: torch.Tensor, scale: float) -> torch.Tensor:
-    return run("tree_attention", q.device, q, k, v, kv_start, kv_len, seg_start, mask, scale)
+                       mask: torch.Tensor, scale: float, window: int,
+                       softcap: float) -> torch.Tensor:
+    return run("tree_attention", q.device, q, k, v, kv_start, kv_len, seg_start, mask, scale,
+               window, softcap)
 
 
 @_tree_attention_op.register_fake
-def _(q, k, v, kv_start, kv_len, seg_start, mask, scale):
+def _(q, k, v, kv_start, kv_len, seg_start, mask, scale, window, softcap):
     B, Hq, T, D = q.shape
     return q.new_empty(B, T, Hq, D)
 
@@ -113,12 +128,17 @@ def _check_values(kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int) 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                    kv_len: torch.Tensor, seg_start: int, mask: torch.Tensor, *,
-                   scale: float | None = None, validate: bool = True) -> torch.Tensor:
+                   scale: float | None = None, window: int | None = None,
+                   softcap: float | None = None, validate: bool = True) -> torch.Tensor:
     """Attention of a draft tree's T tokens over their cached prefix and the tree itself.
 
     Query i of row b attends to the prefix keys ``[kv_start[b], kv_len[b])`` and to the
     tree's keys ``seg_start + t`` for which bit ``(i, t)`` of ``mask`` is set. A query that
     sees no key gets zeros. Accumulation is in fp32.
+
+    Positions: row b's prefix key at cache row n sits at position ``n - kv_start[b]``, and a
+    tree token at depth d (its ancestors in ``mask``, the root at depth 0) at ``kv_len[b] -
+    kv_start[b] + d`` (the positions :func:`fastdecode.ops.tree_positions` gives the model).
 
     Args:
         q: ``[B, Hq, T, D]`` fp16, bf16 or fp32, the tree tokens' queries; any strides (a
@@ -135,6 +155,13 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: 
             :func:`fastdecode.ops.pack_tree_mask`: bit ``t % 32`` (LSB first) of word
             ``t // 32`` of row i lets query i see the tree's token t. 1 <= T <= MAX_TREE_NODES.
         scale: the softmax scale, default ``1 / sqrt(D)``.
+        window: a sliding window of ``window >= 1`` positions: a query sees only the keys
+            less than ``window`` positions behind it (transformers' ``sliding_window``; Mistral,
+            Gemma2/3 local layers). The prefix rows before the window are skipped. None: no
+            window.
+        softcap: soft-capping of the scaled logits, ``x -> softcap * tanh(x / softcap)``
+            before the softmax (Gemma2's ``attn_logit_softcapping``), ``softcap > 0``. None:
+            no cap.
         validate: check the values of ``kv_start`` and ``kv_len`` (one host sync). Unchecked,
             the prefix is clamped into ``[0, seg_start)`` and nothing is read out of bounds.
 
@@ -180,6 +207,16 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: 
         raise TypeError(f"scale must be a float or None, found {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, found {scale}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int or None, found {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (positions a query sees), found {window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, found {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite float > 0, found {softcap}")
     _validate.same_device([("q", q), ("k", k), ("v", v), ("kv_start", kv_start),
                            ("kv_len", kv_len), ("mask", mask)])
     kv_start, kv_len, mask = kv_start.contiguous(), kv_len.contiguous(), mask.contiguous()
@@ -188,4 +225,5 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: 
     if q.stride(-1) != 1:
         q = q.contiguous()
     return dispatch("tree_attention", _tree_attention_op, q.device, q, k, v, kv_start, kv_len,
-                    seg_start, mask, float(scale))
+                    seg_start, mask, float(scale), window if window and window < S else 0,
+                    float(softcap or 0.0))  # a window of S or more positions hides nothing

@@ -13,6 +13,14 @@ A program runs a flash-attention style online softmax (base-2 exponentials, fp32
 over its prefix keys ``[kv_start, kv_len)``, where only the range masks, then over the T
 segment keys, where bit ``t % 32`` of word ``t // 32`` of the query's mask row decides.
 
+Sliding window and soft-capping (both optional, compile-time switches). A query at tree depth d
+sits at position ``kv_len - kv_start + d`` and a prefix key at cache row n at ``n - kv_start``;
+with a window W a query sees only keys less than W positions behind it, so the prefix loop
+starts at row ``kv_len + d_min - W + 1`` (d_min: the shallowest query of the block), skipping
+the rows before it, and masks the deeper queries' extra rows; tree keys are cut by depth
+difference. A node's depth is the number of ancestors in its mask row. Soft-capping replaces a
+score x by ``softcap * tanh(x / softcap)`` before the softmax.
+
 Split-KV. When the grid is far smaller than the GPU (few rows, heads and tokens) and the cache
 is long, the prefix is cut into ``num_splits`` slices, one per program along grid axis 2; the
 last slice also takes the segment. Each program then writes its unnormalised partial state
@@ -46,6 +54,33 @@ def _operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, kt, qk_scale, softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 scores in base-2 units. ``qk_scale`` is the softmax scale and
+    ``softcap`` the cap, both times log2(e); with SOFTCAP the score x becomes
+    ``softcap * tanh(x / softcap)`` (the same in base-2 units), its tanh from one exp2."""
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        x = s / softcap
+        e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))  # exp(-2|x|)
+        t = (1.0 - e) / (1.0 + e)
+        s = softcap * tl.where(x < 0, -t, t)
+    return s
+
+
+@triton.jit
+def _depths(rows_ptr, ok, words, BLOCK: tl.constexpr):
+    """[BLOCK] int32 tree depths of the nodes whose packed mask rows start at ``rows_ptr``
+    ([BLOCK] pointers): the bits set in the row (ancestors and the node itself), minus one.
+    Rows that are not ``ok`` get -1."""
+    offs_w = tl.arange(0, 32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for w in range(0, words):
+        word = tl.load(rows_ptr + w, mask=ok, other=0)
+        count += tl.sum((word[:, None] >> offs_w[None, :]) & 1, 1)
+    return count - 1
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
     """Folds one key block into the running state of BLOCK_M query rows.
 
@@ -67,14 +102,18 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
 @triton.jit(do_not_specialize=["seg_start"])  # it moves every decoding step: no recompiles
 def _tree_attention_kernel(
     Q, K, V, KV_START, KV_LEN, MASK, OUT, M_PART, L_PART,
-    B, T, Hq, G, D, seg_start, words, num_splits, qk_scale,
+    B, T, Hq, G, D, seg_start, words, num_splits, qk_scale, window, softcap,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid ``(cdiv(T * G, BLOCK_M), B * Hkv, num_splits)``.
+
+    ``qk_scale`` and ``softcap`` are in base-2 units (times log2(e)); ``window`` is read with
+    WINDOW and ``softcap`` with SOFTCAP.
 
     Without SPLIT, writes ``OUT[b, i, h, :]`` (dtype of q). With SPLIT, ``OUT`` is fp32
     ``[num_splits, B, T, Hq, D]`` and gets the unnormalised accumulator, ``M_PART`` and
@@ -106,9 +145,16 @@ def _tree_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Prefix keys [kv_start, kv_len), clamped into [0, seg_start) so that unchecked values
-    # never read outside the cache; this program's slice of them under split-KV.
+    # never read outside the cache (and, with a window, cut to the rows the shallowest query
+    # of the block can see); this program's slice of them under split-KV.
     first = tl.maximum(tl.load(KV_START + b).to(tl.int32), 0)
     end = tl.minimum(tl.load(KV_LEN + b).to(tl.int32), seg_start)
+    mask_rows = MASK + b * T * words + tok * words
+    if WINDOW:
+        depth = _depths(mask_rows, row_ok, words, BLOCK_M)
+        shallowest = tl.min(tl.where(row_ok, depth, T), 0)
+        first = tl.maximum(first, end + shallowest - window + 1)
+        oldest = end + depth - window + 1  # [BLOCK_M]: each query's first visible prefix row
     chunk = tl.cdiv(tl.cdiv(tl.maximum(end - first, 0), num_splits), BLOCK_N) * BLOCK_N
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, end)
@@ -117,8 +163,11 @@ def _tree_attention_kernel(
         n_ok = n < hi
         kt = _operand(tl.load(k_base + n[None, :] * stride_ks + offs_d[:, None],
                               mask=n_ok[None, :] & d_ok[:, None], other=0.0), DOT_FP32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = _scores(q, kt, qk_scale, softcap, SOFTCAP, DOT_PRECISION)
+        seen = n_ok[None, :]
+        if WINDOW:
+            seen = seen & (n[None, :] >= oldest[:, None])
+        s = tl.where(seen, s, float("-inf"))
         v = _operand(tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :],
                              mask=n_ok[:, None] & d_ok[None, :], other=0.0), DOT_FP32)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
@@ -126,7 +175,6 @@ def _tree_attention_kernel(
     # Segment keys seg_start + t, 32 at a time: one mask word per query row, whose bit t % 32
     # says whether the query sees key t (bits past T are ignored).
     offs_w = tl.arange(0, 32)
-    mask_rows = MASK + b * T * words + tok * words
     seg_end = tl.where(split == num_splits - 1, T, 0)
     for t0 in range(0, seg_end, 32):
         t = t0 + offs_w
@@ -134,9 +182,12 @@ def _tree_attention_kernel(
         n = seg_start + t
         kt = _operand(tl.load(k_base + n[None, :] * stride_ks + offs_d[:, None],
                               mask=t_ok[None, :] & d_ok[:, None], other=0.0), DOT_FP32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = _scores(q, kt, qk_scale, softcap, SOFTCAP, DOT_PRECISION)
         word = tl.load(mask_rows + t0 // 32, mask=row_ok, other=0)
         visible = (((word[:, None] >> offs_w[None, :]) & 1) != 0) & t_ok[None, :]
+        if WINDOW:
+            key_depth = _depths(MASK + b * T * words + t * words, t_ok, words, 32)
+            visible = visible & (depth[:, None] - key_depth[None, :] < window)
         s = tl.where(visible, s, float("-inf"))
         v = _operand(tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :],
                              mask=t_ok[:, None] & d_ok[None, :], other=0.0), DOT_FP32)
@@ -212,8 +263,8 @@ def choose_splits(programs: int, seg_start: int, device: torch.device) -> int:
 
 def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           kv_start: torch.Tensor, kv_len: torch.Tensor, seg_start: int,
-                          mask: torch.Tensor, scale: float, num_splits: int | None = None
-                          ) -> torch.Tensor:
+                          mask: torch.Tensor, scale: float, window: int = 0,
+                          softcap: float = 0.0, num_splits: int | None = None) -> torch.Tensor:
     """Launches the tree attention kernels on already validated arguments.
 
     Args:
@@ -223,6 +274,9 @@ def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seg_start: the cache row of the tree's first token.
         mask: int32 ``[B, T, ceil(T/32)]``, contiguous: the packed tree mask.
         scale: the softmax scale.
+        window: the sliding window in positions (a query sees keys less than ``window``
+            positions behind it), 0 for none.
+        softcap: the logit soft-cap, 0 for none.
         num_splits: prefix slices (split-KV); default :func:`choose_splits`' choice.
 
     Returns:
@@ -249,12 +303,14 @@ def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
             q, k, v, kv_start, kv_len, mask, acc, m_part, l_part,
-            B, T, Hq, G, D, seg_start, mask.shape[2], num_splits, scale * LOG2E,
+            B, T, Hq, G, D, seg_start, mask.shape[2], num_splits, scale * LOG2E, window,
+            softcap * LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split,
             DOT_PRECISION=precision, DOT_FP32=not q.is_cuda and q.dtype == torch.bfloat16,
+            WINDOW=window > 0, SOFTCAP=softcap > 0,
             num_warps=num_warps, num_stages=num_stages,
         )
         if split:

@@ -178,8 +178,9 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
                   rounds: int, linears: Linears, only: tuple[str, ...] = STRATEGIES
                   ) -> list[dict]:
     """Every prompt with every strategy of ``only`` (hf_stock only while fastdecode's linears
-    are on), ``rounds`` interleaved rounds; one row per (prompt, strategy) with its fastest
-    round and the check against greedy."""
+    are on), ``rounds`` interleaved rounds, every other one in reverse order (so that a machine
+    whose speed drifts within a round favours no strategy); one row per (prompt, strategy) with
+    its fastest round and the check against greedy."""
     from fastdecode.models.prompts import chat_input_ids
 
     jobs = [(cat, i, chat_input_ids(tokenizer, p).to(device)) for cat, ps in prompts.items()
@@ -191,7 +192,7 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
                   if s in only and (s != "hf_stock" or linears.handle is not None)]
     for r in range(rounds):
         for cat, i, ids in jobs:
-            for strategy in strategies:
+            for strategy in strategies if r % 2 == 0 else strategies[::-1]:
                 run = run_strategy(model, ids, strategy, budgets[cat], linears)
                 key = (cat, i, strategy)
                 seconds.setdefault(key, []).append(run["seconds"])
@@ -413,7 +414,7 @@ def markdown(report: dict) -> str:
              f"{report['fastdecode']}, {report['date']}; {threads} torch "
              f"thread{'s' if threads > 1 else ''}. Default model: SmolLM2-135M-Instruct, fp32, "
              f"batch 1, built-in prompt set; most new tokens per prompt: {budgets}. Each "
-             f"prompt's fastest of {report['rounds']} interleaved round(s), wall clock around the whole call (the "
+             f"prompt's fastest of {report['rounds']} interleaved round(s) (every other one in reverse order), wall clock around the whole call (the "
              "first `auto` call of the run also probes the model's forward costs, a few "
              "forwards). Speedup and step compression are against fastdecode "
              "greedy; identical counts the prompts whose output equals greedy's token for "
@@ -564,8 +565,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _report.parser(__doc__, "one prompt per category, 16 new tokens, one round, shorter "
                             "step-cost curves with fewer repeats")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="interleaved rounds per prompt and strategy; the fastest counts "
-                        "(default 2; --quick: 1)")
+                        help="interleaved rounds per prompt and strategy, every other one in "
+                        "reverse order; the fastest counts (default 2; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: robust timings on a shared machine)")
     parser.add_argument("--no-load", action="store_true",

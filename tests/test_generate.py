@@ -156,6 +156,10 @@ def test_stats_are_consistent():
      "strategy must be one of plain, jacobi, trie, prompt_lookup, greedy, sample, found 'beam'"),
     (dict(temperature=0.0, do_sample=True), ValueError, "temperature must be > 0"),
     (dict(top_p=1.5, do_sample=True), ValueError, r"top_p must be None or in \(0, 1\]"),
+    (dict(min_p=1.5, do_sample=True), ValueError, r"min_p must be None or in \[0, 1\], found 1.5"),
+    (dict(max_new_tokens=None, max_length=0), ValueError, "max_length must be >= 1, found 0"),
+    (dict(pad_token_id=-2), ValueError, "pad_token_id must be >= 0, found -2"),
+    (dict(pad_token_id=1.0), TypeError, "pad_token_id must be an int, found float"),
     (dict(config="fast"), ValueError, "config must be None or 'auto'"),
 ])
 def test_bad_arguments(kwargs, exc, match):
@@ -266,3 +270,67 @@ def test_prefill_projects_only_the_last_position(kind):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(last, full)
+
+
+def test_budget_arguments_read_as_in_transformers():
+    """max_length counts the (padded) prompt; without either budget the model's generation
+    config decides (its max_new_tokens, else its max_length); max_new_tokens wins over
+    max_length, with a warning."""
+    model = tiny("llama", seed=2)
+    ids, mask = prompts(2, 11, seed=4, pad_rows={1: 3})
+
+    def ours(**kw) -> torch.Tensor:
+        return fastdecode.generate(model, ids, attention_mask=mask, eos_token_id=[], **kw).sequences
+
+    def theirs(**kw) -> torch.Tensor:
+        return model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None,
+                              pad_token_id=PAD, **kw)
+
+    assert torch.equal(ours(max_length=19), theirs(max_length=19))
+    assert ours(max_length=19).shape == (2, 19)
+    saved = model.generation_config.max_new_tokens, model.generation_config.max_length
+    try:
+        model.generation_config.max_new_tokens = None
+        model.generation_config.max_length = 15
+        assert torch.equal(ours(), theirs())
+        assert ours().shape == (2, 15)
+        model.generation_config.max_new_tokens = 6
+        assert torch.equal(ours(), theirs())
+        assert ours().shape == (2, 17)
+    finally:
+        model.generation_config.max_new_tokens, model.generation_config.max_length = saved
+    with pytest.warns(UserWarning, match="max_new_tokens takes precedence"):
+        assert ours(max_new_tokens=4, max_length=30).shape == (2, 15)
+
+
+def test_pad_token_id_pads_finished_rows():
+    model = tiny("llama", seed=1)
+    ids, mask = prompts(2, 9, seed=3)
+    plain = hf_greedy(model, ids, mask, 20, eos=None)
+    eos = int(plain[0, 12])  # row 0 stops at its 4th new token
+    out = fastdecode.generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos,
+                              pad_token_id=7, strategy="jacobi", window=3, ngram=3, guesses=3)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
+                          eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(out.sequences, want)
+    assert (out.sequences[0, 13:] == 7).all()
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(temperature=0.7), "temperature=0.7 is"), (dict(top_k=5), "top_k=5 is"),
+    (dict(top_p=0.9, min_p=0.1), "top_p=0.9, min_p=0.1 are")])
+def test_sampling_arguments_without_do_sample_warn(kwargs, named):
+    """As in transformers: greedy decoding ignores them, and says so."""
+    model = tiny("llama", seed=3)
+    ids = torch.full((1, 6), 5, dtype=torch.int64)
+    greedy = fastdecode.generate(model, ids, max_new_tokens=8, eos_token_id=[]).sequences
+    with pytest.warns(UserWarning, match=f"do_sample is False, so {named} not used"):
+        out = fastdecode.generate(model, ids, max_new_tokens=8, eos_token_id=[], **kwargs)
+    assert torch.equal(out.sequences, greedy)
+
+
+def test_defaults_of_sampling_arguments_do_not_warn(recwarn):
+    model = tiny("llama", seed=3)
+    fastdecode.generate(model, torch.full((1, 6), 5, dtype=torch.int64), max_new_tokens=3,
+                        temperature=1.0, top_p=1.0)
+    assert not [w for w in recwarn if "do_sample" in str(w.message)]

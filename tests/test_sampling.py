@@ -65,10 +65,12 @@ def test_chi2_sf_known_values():
     assert chi2_sf(124.34211340400407, 100) == pytest.approx(0.05, rel=1e-6)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, None), (1.0, 5, None),
-                                                     (1.3, None, 0.8), (0.9, 20, 0.6)])
-def test_processed_logits_match_transformers_warpers(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (0.7, None, None, None), (1.0, 5, None, None), (1.3, None, 0.8, None), (0.9, 20, 0.6, None),
+    (1.0, None, None, 0.1), (0.8, 30, 0.95, 0.05), (1.2, None, None, 1.0)])
+def test_processed_logits_match_transformers_warpers(temperature, top_k, top_p, min_p):
     from transformers.generation.logits_process import (
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
@@ -80,7 +82,9 @@ def test_processed_logits_match_transformers_warpers(temperature, top_k, top_p):
         want = TopKLogitsWarper(top_k)(None, want)
     if top_p is not None:
         want = TopPLogitsWarper(top_p)(None, want)
-    got = processed_logits(logits, SamplingConfig(True, temperature, top_k, top_p))
+    if min_p is not None:
+        want = MinPLogitsWarper(min_p)(None, want)
+    got = processed_logits(logits, SamplingConfig(True, temperature, top_k, top_p, min_p))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
 

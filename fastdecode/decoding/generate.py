@@ -81,10 +81,43 @@ def _left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     return torch.where(left, moved, pad_id), left.long()
 
 
-def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_new_tokens: int,
+def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_len: int,
+                gen_cfg: object) -> int:
+    """The new-token budget as transformers reads it: ``max_new_tokens``, else ``max_length``
+    minus the prompt's padded length, else the generation config's ``max_new_tokens``, else
+    its ``max_length`` (transformers' default 20) minus the prompt."""
+    if max_new_tokens is not None:
+        if max_length is not None:
+            warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length} "
+                          "are set; max_new_tokens takes precedence", UserWarning, stacklevel=3)
+        return _int("max_new_tokens", max_new_tokens, 0)
+    if max_length is not None:
+        return max(_int("max_length", max_length, 1) - prompt_len, 0)
+    configured = getattr(gen_cfg, "max_new_tokens", None)
+    if configured is not None:
+        return _int("generation_config.max_new_tokens", configured, 0)
+    length = getattr(gen_cfg, "max_length", None)
+    return max(_int("generation_config.max_length", 20 if length is None else length, 1)
+               - prompt_len, 0)
+
+
+def _warn_unused_sampling(given: dict[str, object]) -> None:
+    """transformers' warning for sampling arguments given to greedy decoding."""
+    unused = [f"{name}={value!r}" for name, value in given.items() if value is not None]
+    if unused:
+        warnings.warn(f"do_sample is False, so {', '.join(unused)} "
+                      f"{'is' if len(unused) == 1 else 'are'} not used: greedy decoding takes "
+                      "the most likely token; pass do_sample=True to sample", UserWarning,
+                      stacklevel=3)
+
+
+def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
+             max_new_tokens: int | None = None, max_length: int | None = None,
              attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None,
+             pad_token_id: int | None = None,
+             do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None,
+             generator: torch.Generator | None = None,
              window: int | None = None, ngram: int | None = None, guesses: int | None = None,
              pool_from_prompt: bool = True, decoding_length: int | None = None,
              branch_length: int | None = None,
@@ -103,12 +136,20 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
             tokens a step. Each chooses tokens greedily or by sampling as ``do_sample`` says.
             "greedy" and "sample" are shorthands for "plain" with ``do_sample`` False and
             True ("greedy" with ``do_sample=True`` samples and warns).
-        max_new_tokens: the most new tokens per row.
+        max_new_tokens: the most new tokens per row. max_length: the most tokens per row,
+            the (padded) prompt included, used when ``max_new_tokens`` is not given. With
+            neither, the model's generation config decides (its ``max_new_tokens``, else its
+            ``max_length``, 20 by default), as in transformers.
         eos_token_id: token(s) that end a row (kept in the output); default: the model's
             generation config.
-        do_sample, temperature, top_k, top_p, generator: sampling. Every emitted token is drawn from the processed
-            distribution; seeded runs are reproducible but not token-identical to
-            transformers' sampling.
+        pad_token_id: the token that pads rows that finished early; default: the generation
+            config's, else the first EOS token, else 0.
+        do_sample, temperature, top_k, top_p, min_p, generator: sampling (temperature,
+            top-k, top-p and min-p applied in transformers' order). Every emitted token is
+            drawn from the processed distribution; seeded runs are reproducible but not
+            token-identical to transformers' sampling. With ``do_sample=False`` a given
+            ``temperature`` other than 1, ``top_k``, ``top_p`` other than 1 or ``min_p``
+            warns, as transformers does, and greedy decoding ignores it.
         window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0 (default 7, 5, 7; with
             ``config="auto"`` they are bounds, default 7, 10, 8).
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
@@ -140,7 +181,10 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
                       stacklevel=2)
     drafting = "plain" if strategy in PLAIN_SHORTHANDS else strategy
     do_sample = do_sample or PLAIN_SHORTHANDS.get(strategy, False)
-    _int("max_new_tokens", max_new_tokens, 0)
+    if not do_sample:
+        _warn_unused_sampling({"temperature": None if temperature in (None, 1.0) else temperature,
+                               "top_k": top_k, "top_p": None if top_p in (None, 1.0) else top_p,
+                               "min_p": min_p})
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
     if config == "auto" and drafting not in ("jacobi", "trie"):
@@ -151,16 +195,22 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi", max_ne
         TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
     W, N, G = _settings(dict(window=window, ngram=ngram, guesses=guesses),
                         JACOBI_AUTO_BOUNDS if auto else JACOBI_DEFAULTS, (1, 2, 0))
-    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature,
-                              top_k=top_k, top_p=top_p)
+    sampling = SamplingConfig(do_sample=do_sample,
+                              temperature=1.0 if temperature is None else temperature,
+                              top_k=top_k, top_p=top_p, min_p=min_p)
     runner = TreeRunner(model)
     gen_cfg = getattr(model, "generation_config", None)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[1], gen_cfg)
+    elif max_new_tokens is not None:  # input_ids itself is rejected below
+        _int("max_new_tokens", max_new_tokens, 0)
     if eos_token_id is None:
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
     eos_ids = [] if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    pad_id = getattr(gen_cfg, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad_id = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
+    pad_id = _int("pad_token_id", pad_id, 0) if pad_id is not None else (
+        eos_ids[0] if eos_ids else 0)
     device = model.get_output_embeddings().weight.device
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")

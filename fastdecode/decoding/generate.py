@@ -9,6 +9,7 @@ import torch
 
 from fastdecode.decoding.drafter import Drafter, NoDraft
 from fastdecode.decoding.loop import GenerateStats, decode
+from fastdecode.decoding.path_processors import PathProcessors
 from fastdecode.decoding.sampling import SamplingConfig
 from fastdecode.hf.model import TreeRunner
 
@@ -117,6 +118,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
              pad_token_id: int | None = None,
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None,
+             min_new_tokens: int | None = None, repetition_penalty: float | None = None,
              generator: torch.Generator | None = None,
              window: int | None = None, ngram: int | None = None, guesses: int | None = None,
              pool_from_prompt: bool = True, decoding_length: int | None = None,
@@ -150,6 +152,11 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             token-identical to transformers' sampling. With ``do_sample=False`` a given
             ``temperature`` other than 1, ``top_k``, ``top_p`` other than 1 or ``min_p``
             warns, as transformers does, and greedy decoding ignores it.
+        min_new_tokens: no EOS before this many new tokens; repetition_penalty: every token
+            already in the sequence has its logit divided by it (multiplied where negative).
+            Both as in transformers (default: the generation config's), applied to every
+            draft node along its own path, so greedy output stays identical to transformers'
+            and sampling exact.
         window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0 (default 7, 5, 7; with
             ``config="auto"`` they are bounds, default 7, 10, 8).
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
@@ -226,6 +233,13 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 must fit in them, "
             f"found {longest} + {max_new_tokens} - 1 = {longest + max_new_tokens - 1}")
 
+    if min_new_tokens is None:
+        min_new_tokens = getattr(gen_cfg, "min_new_tokens", None) or 0
+    if repetition_penalty is None:
+        repetition_penalty = getattr(gen_cfg, "repetition_penalty", None)
+    processors = PathProcessors(_int("min_new_tokens", min_new_tokens, 0), tuple(eos_ids),
+                                repetition_penalty)
+
     drafter: Drafter
     if drafting == "jacobi" and config == "auto":
         from fastdecode.decoding.auto_jacobi import AutoJacobi
@@ -251,7 +265,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         drafter = NoDraft()
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,
                               eos_ids=eos_ids, pad_id=pad_id, sampling=sampling,
-                              generator=generator, streamer=streamer)
+                              generator=generator, streamer=streamer, processors=processors)
     if not torch.equal(ids, input_ids):
         sequences[:, : input_ids.shape[1]] = input_ids
     return GenerateOutput(sequences, stats)

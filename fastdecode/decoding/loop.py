@@ -17,6 +17,7 @@ import torch
 
 from fastdecode.decoding.budget import BudgetChooser
 from fastdecode.decoding.drafter import AdaptiveDrafter, Drafter, History
+from fastdecode.decoding.path_processors import PathProcessors
 from fastdecode.decoding.sampling import SamplingConfig, choose_tokens
 from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import verify_tree
@@ -55,19 +56,23 @@ class GenerateStats:
 def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
            attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
            pad_id: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
-           streamer=None) -> tuple[torch.Tensor, GenerateStats]:
+           streamer=None, processors: PathProcessors | None = None
+           ) -> tuple[torch.Tensor, GenerateStats]:
     """Decodes left-padded prompts ``input_ids [B, L]`` (``attention_mask`` 1 on real tokens).
 
     Returns ``sequences [B, L + n]`` (the prompts as given, then each row's new tokens, rows
     that stopped early padded with ``pad_id``; n is the longest row's count) and the stats.
     A row stops after an EOS token (kept) or ``max_new_tokens`` tokens. For an
     :class:`AdaptiveDrafter` every step's budget is chosen from its options on the runner's
-    measured step costs (:class:`~fastdecode.decoding.budget.BudgetChooser`).
+    measured step costs (:class:`~fastdecode.decoding.budget.BudgetChooser`). ``processors``
+    process every node's logits along its own path before tokens are chosen (see
+    :mod:`fastdecode.decoding.path_processors`); drafters observe the model's raw logits.
     """
     t_call = time.perf_counter()
     device = input_ids.device
     B, L = input_ids.shape
     chooser = BudgetChooser() if isinstance(drafter, AdaptiveDrafter) else None
+    rules = processors if processors is not None and processors.active else None
     stats = GenerateStats()
     hist: Counter = Counter()
     seq = torch.full((B, L + max_new_tokens + 1), pad_id, dtype=torch.int64, device=device)
@@ -120,10 +125,14 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         return History(seq, runner.kv_start, meta[0], meta[0] + meta[1], kept)
 
     if max_new_tokens > 0:
-        logits = runner.prefill(input_ids, attention_mask)
+        logits = runner.prefill(input_ids, attention_mask)[:, None]
         stats.steps = 1
-        last = choose_tokens(logits[:, None], sampling, generator)[:, 0]
+        if rules is not None:
+            logits = rules.apply(logits, seq, runner.kv_start, torch.full((B,), L, device=device),
+                                 produced)
+        last = choose_tokens(logits, sampling, generator)[:, 0]
         first = emit([[t] for t in last.tolist()], last[:, None])
+        end = first.end
         drafter.start(first._replace(new_from=torch.full_like(first.end, L)))
     while not all(done):
         budget = None
@@ -133,13 +142,16 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         draft = drafter.propose(last, budget)
         logits = runner.forward(draft.tokens, draft.parents)
         stats.steps += 1
-        predicted = choose_tokens(logits, sampling, generator)
+        scores = logits if rules is None else rules.apply(logits, seq, runner.kv_start, end,
+                                                            produced, draft.tokens, draft.parents)
+        predicted = choose_tokens(scores, sampling, generator)
         result = verify_tree(draft.tokens, draft.verify_parents, predicted,
                              max_depth=draft.max_depth, validate=False)
         count = result.accept_len + 1
         host = torch.cat([count[:, None], result.tokens], dim=1).tolist()  # the step's one sync
         lengths = [row[0] for row in host]
         history = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens)
+        end = history.end
         runner.commit(result.path, count, lengths)
         last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]
         drafter.observe(draft, logits, result, history)

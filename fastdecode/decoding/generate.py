@@ -11,6 +11,7 @@ from fastdecode.decoding.drafter import Drafter, NoDraft
 from fastdecode.decoding.loop import GenerateStats, decode
 from fastdecode.decoding.path_processors import PathProcessors
 from fastdecode.decoding.sampling import SamplingConfig
+from fastdecode.decoding.token_outputs import TokenOutputs, stopping_check
 from fastdecode.hf.model import TreeRunner
 
 DRAFTING = ("plain", "jacobi", "trie", "prompt_lookup")  # how a step drafts; sampling is do_sample
@@ -26,10 +27,15 @@ TRIE_AUTO_BOUNDS = (64, 12)
 class GenerateOutput:
     """sequences: int64 ``[B, L + n]``, laid out as transformers' ``generate`` returns them
     (the prompts as given, then the new tokens, finished rows padded with the pad token).
-    stats: see :class:`fastdecode.decoding.loop.GenerateStats`."""
+    stats: see :class:`fastdecode.decoding.loop.GenerateStats`. scores, logits (with
+    ``output_scores`` / ``output_logits``): n fp32 ``[B, V]`` tensors, one per new token
+    column, as transformers returns them: the processed (and, when sampling, warped) scores
+    and the raw logits each token was chosen from; a row that had finished holds zeros."""
 
     sequences: torch.Tensor
     stats: GenerateStats
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 def _int(name: str, value: object, low: int) -> int:
@@ -119,7 +125,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
-             generator: torch.Generator | None = None,
+             stopping_criteria=None, output_scores: bool | None = None,
+             output_logits: bool | None = None, return_dict_in_generate: bool | None = None,
+             generation_config=None, generator: torch.Generator | None = None,
              window: int | None = None, ngram: int | None = None, guesses: int | None = None,
              pool_from_prompt: bool = True, decoding_length: int | None = None,
              branch_length: int | None = None,
@@ -152,6 +160,17 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             token-identical to transformers' sampling. With ``do_sample=False`` a given
             ``temperature`` other than 1, ``top_k``, ``top_p`` other than 1 or ``min_p``
             warns, as transformers does, and greedy decoding ignores it.
+        stopping_criteria: transformers ``StoppingCriteria`` (a ``StoppingCriteriaList`` or a
+            list), asked after every new token of every row with the row's sequence
+            ``[1, len]`` (left padding included) and that token's scores ``[1, V]``; a row
+            ends at the first token any of them accepts (kept) and is padded after it, as
+            transformers does when an EOS token is set (without one, transformers' stopped
+            rows go on until every row is done).
+        output_scores, output_logits: also return every new token's scores / logits (see
+            :class:`GenerateOutput`). return_dict_in_generate: accepted for transformers'
+            sake; the result is always a :class:`GenerateOutput`.
+        generation_config: a transformers ``GenerationConfig`` read instead of the model's
+            own for every default above (budget, EOS, padding, processors, outputs).
         min_new_tokens: no EOS before this many new tokens; repetition_penalty: every token
             already in the sequence has its logit divided by it (multiplied where negative).
             Both as in transformers (default: the generation config's), applied to every
@@ -206,7 +225,15 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
                               temperature=1.0 if temperature is None else temperature,
                               top_k=top_k, top_p=top_p, min_p=min_p)
     runner = TreeRunner(model)
-    gen_cfg = getattr(model, "generation_config", None)
+    gen_cfg = generation_config if generation_config is not None else getattr(
+        model, "generation_config", None)
+    if generation_config is not None and not hasattr(generation_config, "max_length"):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, found "
+                        f"{type(generation_config).__name__}")
+    want_scores = bool(getattr(gen_cfg, "output_scores", False)
+                       if output_scores is None else output_scores)
+    want_logits = bool(getattr(gen_cfg, "output_logits", False)
+                       if output_logits is None else output_logits)
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[1], gen_cfg)
     elif max_new_tokens is not None:  # input_ids itself is rejected below
@@ -263,9 +290,14 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
                               cache=trie_cache, single_branch=drafting == "prompt_lookup")
     else:
         drafter = NoDraft()
+    outputs = TokenOutputs(ids.shape[0], want_scores, want_logits) \
+        if want_scores or want_logits else None
+    stop = stopping_check(stopping_criteria) if stopping_criteria is not None else None
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,
                               eos_ids=eos_ids, pad_id=pad_id, sampling=sampling,
-                              generator=generator, streamer=streamer, processors=processors)
+                              generator=generator, streamer=streamer, processors=processors,
+                              stop=stop, outputs=outputs)
     if not torch.equal(ids, input_ids):
         sequences[:, : input_ids.shape[1]] = input_ids
-    return GenerateOutput(sequences, stats)
+    scores, logits = outputs.assemble(sequences.shape[1] - ids.shape[1]) if outputs else (None, None)
+    return GenerateOutput(sequences, stats, scores, logits)

@@ -18,7 +18,8 @@ import torch
 from fastdecode.decoding.budget import BudgetChooser
 from fastdecode.decoding.drafter import AdaptiveDrafter, Drafter, History
 from fastdecode.decoding.path_processors import PathProcessors
-from fastdecode.decoding.sampling import SamplingConfig, choose_tokens
+from fastdecode.decoding.sampling import SamplingConfig, choose_tokens, processed_logits
+from fastdecode.decoding.token_outputs import StopCheck, TokenOutputs
 from fastdecode.hf.model import TreeRunner
 from fastdecode.ops import verify_tree
 
@@ -56,7 +57,8 @@ class GenerateStats:
 def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
            attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
            pad_id: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
-           streamer=None, processors: PathProcessors | None = None
+           streamer=None, processors: PathProcessors | None = None,
+           stop: StopCheck | None = None, outputs: TokenOutputs | None = None
            ) -> tuple[torch.Tensor, GenerateStats]:
     """Decodes left-padded prompts ``input_ids [B, L]`` (``attention_mask`` 1 on real tokens).
 
@@ -67,12 +69,21 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
     measured step costs (:class:`~fastdecode.decoding.budget.BudgetChooser`). ``processors``
     process every node's logits along its own path before tokens are chosen (see
     :mod:`fastdecode.decoding.path_processors`); drafters observe the model's raw logits.
+    ``stop`` ends a row after the first token it accepts (the token is kept); ``outputs``
+    collects every emitted token's scores and logits (see
+    :mod:`fastdecode.decoding.token_outputs`).
     """
     t_call = time.perf_counter()
     device = input_ids.device
     B, L = input_ids.shape
     chooser = BudgetChooser() if isinstance(drafter, AdaptiveDrafter) else None
     rules = processors if processors is not None and processors.active else None
+    per_token = stop is not None or outputs is not None
+
+    def warped(scores: torch.Tensor) -> torch.Tensor:
+        """What a token is drawn from: the processed scores, warped when sampling (the
+        scores transformers reports)."""
+        return processed_logits(scores, sampling) if sampling.do_sample else scores.float()
     stats = GenerateStats()
     hist: Counter = Counter()
     seq = torch.full((B, L + max_new_tokens + 1), pad_id, dtype=torch.int64, device=device)
@@ -99,10 +110,13 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
 
     scratch = seq.shape[1] - 1  # a column past every output, for writes that are dropped
 
-    def emit(rows: list[list[int]], tokens: torch.Tensor) -> History:
+    def emit(rows: list[list[int]], tokens: torch.Tensor, nodes: list[list[int]] | None = None,
+             logits: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> History:
         """Appends each running row's tokens (``rows`` on the host, the same ``tokens [B, W]``
-        on the device) up to EOS or the budget, with one host-to-device copy. Returns the
-        history with this step's tokens."""
+        on the device) up to EOS, the budget or ``stop``, with one host-to-device copy.
+        ``nodes[b][i]``: the tree node whose ``logits``/``scores [B, T, V]`` chose row b's
+        i-th token (needed with ``stop`` or ``outputs``). Returns the history with this
+        step's tokens."""
         before, counts, kept = [], [], []
         for b, toks in enumerate(rows):
             take = [] if done[b] else toks[: max_new_tokens - produced[b]]
@@ -110,12 +124,24 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
                 if t in eos:
                     take = take[: i + 1]
                     break
+            stopped = False
+            if stop is not None:
+                for i in range(len(take)):
+                    ids = torch.cat([seq[b, : L + produced[b]],
+                                     torch.tensor(take[: i + 1], device=device)])
+                    if stop(ids[None], scores[b, nodes[b][i]][None]):
+                        take, stopped = take[: i + 1], True
+                        break
+            if outputs is not None:
+                for i in range(len(take)):
+                    outputs.add(b, scores[b, nodes[b][i]], logits[b, nodes[b][i]])
             before.append(L + produced[b])
             counts.append(len(take))
             kept.append(take)
             if not done[b]:
                 produced[b] += len(take)
-                done[b] = produced[b] >= max_new_tokens or (bool(take) and take[-1] in eos)
+                done[b] = (stopped or produced[b] >= max_new_tokens
+                           or (bool(take) and take[-1] in eos))
                 hist[len(take)] += 1
         meta = torch.tensor([before, counts], device=device)
         width = torch.arange(tokens.shape[1], device=device)
@@ -127,11 +153,11 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
     if max_new_tokens > 0:
         logits = runner.prefill(input_ids, attention_mask)[:, None]
         stats.steps = 1
-        if rules is not None:
-            logits = rules.apply(logits, seq, runner.kv_start, torch.full((B,), L, device=device),
-                                 produced)
-        last = choose_tokens(logits, sampling, generator)[:, 0]
-        first = emit([[t] for t in last.tolist()], last[:, None])
+        scores = logits if rules is None else rules.apply(
+            logits, seq, runner.kv_start, torch.full((B,), L, device=device), produced)
+        last = choose_tokens(scores, sampling, generator)[:, 0]
+        first = emit([[t] for t in last.tolist()], last[:, None], [[0]] * B, logits,
+                     warped(scores) if per_token else None)
         end = first.end
         drafter.start(first._replace(new_from=torch.full_like(first.end, L)))
     while not all(done):
@@ -148,9 +174,14 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         result = verify_tree(draft.tokens, draft.verify_parents, predicted,
                              max_depth=draft.max_depth, validate=False)
         count = result.accept_len + 1
-        host = torch.cat([count[:, None], result.tokens], dim=1).tolist()  # the step's one sync
+        parts = [count[:, None], result.tokens] + ([result.path] if per_token else [])
+        host = torch.cat(parts, dim=1).tolist()  # the step's one sync
         lengths = [row[0] for row in host]
-        history = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens)
+        width = result.tokens.shape[1]
+        nodes = [row[1 + width: 1 + width + n] for row, n in zip(host, lengths)] \
+            if per_token else None
+        history = emit([row[1: 1 + n] for row, n in zip(host, lengths)], result.tokens, nodes,
+                       logits, warped(scores) if per_token else None)
         end = history.end
         runner.commit(result.path, count, lengths)
         last = result.tokens.gather(1, result.accept_len[:, None])[:, 0]

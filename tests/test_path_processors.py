@@ -146,3 +146,44 @@ def test_sampling_with_a_repetition_penalty_is_exact(strategy, settings):
         assert chi2_pvalue(observed, rows * expected) >= P_THRESHOLD
     drafted = out.stats.drafter.get("accepted_from_pool", out.stats.drafter.get("accepted_drafts"))
     assert drafted > rows // 10  # drafts were accepted, so the per-node paths mattered
+
+
+class BanLast(transformers.LogitsProcessor):
+    """A history-dependent processor of a user's: the row's last token cannot come next."""
+
+    def __call__(self, input_ids, scores):
+        return scores.scatter(1, input_ids[:, -1:], float("-inf"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_custom_and_ngram_processors_match_transformers(kind):
+    model = tiny(kind, seed=6, hidden=64)
+    ids, mask = prompts(2, 14, seed=9, pad_rows={0: 3})
+    for ours_args, theirs_args in (
+            (dict(no_repeat_ngram_size=3), dict(no_repeat_ngram_size=3)),
+            (dict(logits_processor=[BanLast()]),
+             dict(logits_processor=transformers.LogitsProcessorList([BanLast()]))),
+            (dict(no_repeat_ngram_size=2, logits_processor=[BanLast()], repetition_penalty=1.1),
+             dict(no_repeat_ngram_size=2, repetition_penalty=1.1,
+                  logits_processor=transformers.LogitsProcessorList([BanLast()])))):
+        want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
+                              eos_token_id=None, pad_token_id=PAD, **theirs_args)
+        with flat_forward_costs(model):
+            for name, kwargs in STRATEGIES.items():
+                out = fastdecode.generate(model, ids, attention_mask=mask, max_new_tokens=20,
+                                          eos_token_id=[], **ours_args, **kwargs)
+                assert torch.equal(out.sequences, want), f"{kind} {list(ours_args)} {name}"
+
+
+def test_unsupported_and_bad_processor_arguments():
+    model = tiny("llama")
+    ids = torch.full((1, 6), 5, dtype=torch.int64)
+    with pytest.raises(TypeError, match="logits_processor must hold callables .* found str"):
+        fastdecode.generate(model, ids, max_new_tokens=3, logits_processor=["x"])
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be >= 0, found -1"):
+        fastdecode.generate(model, ids, max_new_tokens=3, no_repeat_ngram_size=-1)
+    with pytest.raises(ValueError, match=r"beam search \(num_beams=4\)"):
+        fastdecode.generate(model, ids, max_new_tokens=3,
+                            generation_config=transformers.GenerationConfig(num_beams=4))
+    with pytest.raises(TypeError, match="num_beams"):
+        fastdecode.generate(model, ids, max_new_tokens=3, num_beams=4)

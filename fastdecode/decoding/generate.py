@@ -125,6 +125,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
+             no_repeat_ngram_size: int | None = None, logits_processor=None,
              stopping_criteria=None, output_scores: bool | None = None,
              output_logits: bool | None = None, return_dict_in_generate: bool | None = None,
              generation_config=None, generator: torch.Generator | None = None,
@@ -176,6 +177,11 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             Both as in transformers (default: the generation config's), applied to every
             draft node along its own path, so greedy output stays identical to transformers'
             and sampling exact.
+        no_repeat_ngram_size: no n-gram of this size twice (transformers'
+            ``NoRepeatNGramLogitsProcessor``; default: the generation config's).
+        logits_processor: transformers ``LogitsProcessor`` objects (a list), applied after the
+            built-in ones and before the sampling warpers, like transformers does, to every
+            draft node with the node's own sequence ``[n, len]`` (left padding included).
         window, ngram, guesses: jacobi's W >= 1, N >= 2 and G >= 0 (default 7, 5, 7; with
             ``config="auto"`` they are bounds, default 7, 10, 8).
         pool_from_prompt: seed jacobi's n-gram pool with the prompt's n-grams.
@@ -264,8 +270,23 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         min_new_tokens = getattr(gen_cfg, "min_new_tokens", None) or 0
     if repetition_penalty is None:
         repetition_penalty = getattr(gen_cfg, "repetition_penalty", None)
+    if getattr(gen_cfg, "num_beams", 1) not in (None, 1):
+        raise ValueError(f"generation_config asks for beam search (num_beams="
+                         f"{gen_cfg.num_beams}), which fastdecode.generate does not run")
+    custom = []
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = getattr(gen_cfg, "no_repeat_ngram_size", None) or 0
+    if _int("no_repeat_ngram_size", no_repeat_ngram_size, 0) > 0:
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        custom.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    for processor in logits_processor or ():
+        if not callable(processor):
+            raise TypeError(f"logits_processor must hold callables (transformers "
+                            f"LogitsProcessor), found {type(processor).__name__}")
+        custom.append(processor)
     processors = PathProcessors(_int("min_new_tokens", min_new_tokens, 0), tuple(eos_ids),
-                                repetition_penalty)
+                                repetition_penalty, tuple(custom))
 
     drafter: Drafter
     if drafting == "jacobi" and config == "auto":

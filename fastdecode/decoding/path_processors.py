@@ -14,6 +14,10 @@ to it and sampling exact.
 * ``repetition_penalty``: every token that occurs in the node's sequence has its logit divided
   by the penalty where positive and multiplied by it where negative (transformers'
   ``RepetitionPenaltyLogitsProcessor``).
+* ``custom``: any transformers ``LogitsProcessor`` (``no_repeat_ngram_size`` builds
+  transformers' own, and a user's ``logits_processor`` list lands here), called, after the two
+  above, on the nodes' explicit sequences ``[n, len]`` (left padding included, as transformers
+  passes them), one call per sequence length.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class PathProcessors:
     min_new_tokens: int = 0
     eos_ids: tuple[int, ...] = ()
     repetition_penalty: float | None = None
+    custom: tuple = ()
 
     def __post_init__(self) -> None:
         p = self.repetition_penalty
@@ -41,7 +46,7 @@ class PathProcessors:
     @property
     def active(self) -> bool:
         return (self.min_new_tokens > 0 and bool(self.eos_ids)) or \
-            self.repetition_penalty not in (None, 1.0)
+            self.repetition_penalty not in (None, 1.0) or bool(self.custom)
 
     def apply(self, logits: torch.Tensor, seq: torch.Tensor, start: torch.Tensor,
               end: torch.Tensor, produced: list[int], tokens: torch.Tensor | None = None,
@@ -67,7 +72,36 @@ class PathProcessors:
             present = self._present(seq, start, end, tokens, parents, T, V)
             p = self.repetition_penalty
             x = torch.where(present, torch.where(x > 0, x / p, x * p), x)
+        if self.custom:
+            x = self._custom(x, seq, end, tokens, parents)
         return x
+
+    def _custom(self, x: torch.Tensor, seq: torch.Tensor, end: torch.Tensor,
+                tokens: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
+        """The custom processors on every node's sequence, grouped by length."""
+        B, T, _ = x.shape
+        rows = [row[:e] for row, e in zip(seq.tolist(), end.tolist())]
+        host_tokens = tokens.tolist() if tokens is not None else None
+        host_parents = parents.tolist() if parents is not None else None
+        groups: dict[int, list[tuple[int, int, list[int]]]] = {}
+        for b in range(B):
+            for j in range(T):
+                path, node = [], j
+                while host_parents is not None and node > 0:
+                    path.append(host_tokens[b][node])
+                    node = host_parents[b][node]
+                ids = rows[b] + path[::-1]
+                groups.setdefault(len(ids), []).append((b, j, ids))
+        out = x.clone()
+        for members in groups.values():
+            ids = torch.tensor([m[2] for m in members], device=x.device)
+            b_idx = torch.tensor([m[0] for m in members], device=x.device)
+            j_idx = torch.tensor([m[1] for m in members], device=x.device)
+            scores = x[b_idx, j_idx]
+            for processor in self.custom:
+                scores = processor(ids, scores)
+            out[b_idx, j_idx] = scores.float()
+        return out
 
     @staticmethod
     def _present(seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, tokens: torch.Tensor | None,

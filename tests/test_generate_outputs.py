@@ -114,3 +114,59 @@ def test_bad_controls_raise_clearly():
         fastdecode.generate(model, ids, max_new_tokens=3, generation_config={"max_length": 9})
     with pytest.raises(TypeError, match="stopping_criteria must hold callables .* found int"):
         fastdecode.generate(model, ids, max_new_tokens=3, stopping_criteria=[3])
+
+
+@pytest.mark.parametrize("name", ["greedy", "jacobi", "trie"])
+def test_past_key_values_continue_a_conversation(name):
+    """Turn 2 passes turn 1's past_key_values with turn 1's sequences plus new tokens: only the
+    new tokens are encoded, and the output equals a fresh call's and transformers'."""
+    from fastdecode.decoding import TrieCache
+
+    model = tiny("llama", seed=9, hidden=64)
+    trie = TrieCache(model.config.vocab_size) if name == "trie" else None
+    extra = dict(trie_cache=trie) if trie is not None else {}
+    turn1 = prompts(1, 12, seed=1)[0]
+    out1 = fastdecode.generate(model, turn1, max_new_tokens=10, eos_token_id=[],
+                               **STRATEGIES[name], **extra)
+    cache = out1.past_key_values
+    assert cache.get_seq_length() == out1.sequences.shape[1] - 1
+    turn2 = torch.cat([out1.sequences, torch.tensor([[7, 8, 9, 7, 8]])], dim=1)
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: fed.append(args[0].shape[1]))
+    try:
+        out2 = fastdecode.generate(model, turn2, max_new_tokens=10, eos_token_id=[],
+                                   past_key_values=cache, **STRATEGIES[name], **extra)
+    finally:
+        hook.remove()
+    assert fed[0] == 6  # turn 1's last token and the five new ones
+    fresh = fastdecode.generate(model, turn2, max_new_tokens=10, eos_token_id=[])
+    want = model.generate(turn2, do_sample=False, max_new_tokens=10, eos_token_id=None,
+                          pad_token_id=PAD)
+    assert torch.equal(out2.sequences, fresh.sequences) and torch.equal(out2.sequences, want)
+    assert out2.past_key_values is cache
+    assert cache.get_seq_length() == out2.sequences.shape[1] - 1
+
+
+def test_bad_past_key_values_raise_clearly():
+    model = tiny("llama", seed=9, hidden=64)
+    ids = prompts(1, 8, seed=1)[0]
+    out = fastdecode.generate(model, ids, max_new_tokens=4, eos_token_id=[])
+    cache = out.past_key_values
+    held = cache.get_seq_length()
+    with pytest.raises(TypeError, match="past_key_values must be a transformers Cache"):
+        fastdecode.generate(model, ids, max_new_tokens=2, past_key_values=(1, 2))
+    with pytest.raises(ValueError, match=f"past_key_values holds {held} tokens; input_ids must "
+                                         f"extend them with at least one more, found 8"):
+        fastdecode.generate(model, ids, max_new_tokens=2, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"continues one unpadded row; found input_ids of "
+                                         r"shape \(2, 12\)"):
+        fastdecode.generate(model, out.sequences.repeat(2, 1).contiguous(), max_new_tokens=2,
+                            past_key_values=cache)
+    assert cache.get_seq_length() == held  # rejected calls leave it as it was
+    sliding = transformers.DynamicCache(config=transformers.MistralConfig(
+        sliding_window=4, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+        num_key_value_heads=2))
+    sliding.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match="past_key_values has sliding-window layers"):
+        fastdecode.generate(model, out.sequences, max_new_tokens=2, past_key_values=sliding)

@@ -12,7 +12,7 @@ from fastdecode.decoding.loop import GenerateStats, decode
 from fastdecode.decoding.path_processors import PathProcessors
 from fastdecode.decoding.sampling import SamplingConfig
 from fastdecode.decoding.token_outputs import TokenOutputs, stopping_check
-from fastdecode.hf.model import TreeRunner
+from fastdecode.hf.model import TreeRunner, check_cache
 
 DRAFTING = ("plain", "jacobi", "trie", "prompt_lookup")  # how a step drafts; sampling is do_sample
 # Shorthands for plain decoding that also say how tokens are chosen.
@@ -30,12 +30,17 @@ class GenerateOutput:
     stats: see :class:`fastdecode.decoding.loop.GenerateStats`. scores, logits (with
     ``output_scores`` / ``output_logits``): n fp32 ``[B, V]`` tensors, one per new token
     column, as transformers returns them: the processed (and, when sampling, warped) scores
-    and the raw logits each token was chosen from; a row that had finished holds zeros."""
+    and the raw logits each token was chosen from; a row that had finished holds zeros.
+    past_key_values: the transformers cache of the call (full layers). For one row it holds the
+    KV of every token of ``sequences`` but the last, so that passing it back with
+    ``sequences`` plus the next turn's tokens continues without re-encoding; for a batch,
+    row b's valid keys start after its left padding and end at its own length."""
 
     sequences: torch.Tensor
     stats: GenerateStats
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    past_key_values: object | None = None
 
 
 def _int(name: str, value: object, low: int) -> int:
@@ -128,7 +133,8 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
              no_repeat_ngram_size: int | None = None, logits_processor=None,
              stopping_criteria=None, output_scores: bool | None = None,
              output_logits: bool | None = None, return_dict_in_generate: bool | None = None,
-             generation_config=None, generator: torch.Generator | None = None,
+             generation_config=None, past_key_values=None,
+             generator: torch.Generator | None = None,
              window: int | None = None, ngram: int | None = None, guesses: int | None = None,
              pool_from_prompt: bool = True, decoding_length: int | None = None,
              branch_length: int | None = None,
@@ -170,6 +176,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         output_scores, output_logits: also return every new token's scores / logits (see
             :class:`GenerateOutput`). return_dict_in_generate: accepted for transformers'
             sake; the result is always a :class:`GenerateOutput`.
+        past_key_values: the ``past_key_values`` of an earlier call on one row, whose
+            ``sequences`` ``input_ids`` starts with (a multi-turn chat): only the tokens after
+            what it holds are encoded. It is extended in place and returned.
         generation_config: a transformers ``GenerationConfig`` read instead of the model's
             own for every default above (budget, EOS, padding, processors, outputs).
         min_new_tokens: no EOS before this many new tokens; repetition_penalty: every token
@@ -255,6 +264,8 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
     ids, mask = _left_padded(input_ids, attention_mask, pad_id)
+    if past_key_values is not None:
+        check_cache(past_key_values, ids, mask)
     vocab = model.config.vocab_size
     if bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab})")
@@ -317,8 +328,13 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
     sequences, stats = decode(runner, drafter, ids, mask, max_new_tokens=max_new_tokens,
                               eos_ids=eos_ids, pad_id=pad_id, sampling=sampling,
                               generator=generator, streamer=streamer, processors=processors,
-                              stop=stop, outputs=outputs)
+                              stop=stop, outputs=outputs, cache=past_key_values)
     if not torch.equal(ids, input_ids):
         sequences[:, : input_ids.shape[1]] = input_ids
     scores, logits = outputs.assemble(sequences.shape[1] - ids.shape[1]) if outputs else (None, None)
-    return GenerateOutput(sequences, stats, scores, logits)
+    cache = runner.cache if runner.cache is not None else past_key_values
+    if cache is not None and sequences.shape[0] == 1:
+        extra = cache.get_seq_length() - (sequences.shape[1] - 1)
+        if extra > 0:  # drafts accepted past the budget or EOS
+            cache.crop(-extra)
+    return GenerateOutput(sequences, stats, scores, logits, cache)

@@ -58,8 +58,8 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
            attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
            pad_id: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
            streamer=None, processors: PathProcessors | None = None,
-           stop: StopCheck | None = None, outputs: TokenOutputs | None = None
-           ) -> tuple[torch.Tensor, GenerateStats]:
+           stop: StopCheck | None = None, outputs: TokenOutputs | None = None,
+           cache: object | None = None) -> tuple[torch.Tensor, GenerateStats]:
     """Decodes left-padded prompts ``input_ids [B, L]`` (``attention_mask`` 1 on real tokens).
 
     Returns ``sequences [B, L + n]`` (the prompts as given, then each row's new tokens, rows
@@ -71,7 +71,8 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
     :mod:`fastdecode.decoding.path_processors`); drafters observe the model's raw logits.
     ``stop`` ends a row after the first token it accepts (the token is kept); ``outputs``
     collects every emitted token's scores and logits (see
-    :mod:`fastdecode.decoding.token_outputs`).
+    :mod:`fastdecode.decoding.token_outputs`). ``cache``: an earlier call's KV cache that
+    already holds a prefix of the one row (see :meth:`TreeRunner.prefill`).
     """
     t_call = time.perf_counter()
     device = input_ids.device
@@ -151,7 +152,7 @@ def decode(runner: TreeRunner, drafter: Drafter, input_ids: torch.Tensor,
         return History(seq, runner.kv_start, meta[0], meta[0] + meta[1], kept)
 
     if max_new_tokens > 0:
-        logits = runner.prefill(input_ids, attention_mask)[:, None]
+        logits = runner.prefill(input_ids, attention_mask, cache)[:, None]
         stats.steps = 1
         scores = logits if rules is None else rules.apply(
             logits, seq, runner.kv_start, torch.full((B,), L, device=device), produced)

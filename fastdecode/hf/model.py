@@ -75,6 +75,32 @@ def _new_cache() -> object:
     return DynamicCache()
 
 
+def check_cache(cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Raises a clear error unless ``cache`` can continue ``input_ids`` (``[B, L]``): a
+    transformers cache of full layers (fastdecode's own ``past_key_values``; transformers'
+    sliding-window layers cannot be compacted per row) for one unpadded row, holding fewer than
+    L tokens."""
+    from transformers import Cache
+
+    if not isinstance(cache, Cache):
+        raise TypeError(f"past_key_values must be a transformers Cache (an earlier "
+                        f"fastdecode.generate's past_key_values), found {type(cache).__name__}")
+    sliding = [type(layer).__name__ for layer in getattr(cache, "layers", ())
+               if getattr(layer, "is_sliding", False)]
+    if sliding:
+        raise ValueError(f"past_key_values has sliding-window layers ({sliding[0]}); pass the "
+                         "past_key_values of an earlier fastdecode.generate, which keeps full "
+                         "layers")
+    if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
+        raise ValueError(f"past_key_values continues one unpadded row; found input_ids of shape "
+                         f"{tuple(input_ids.shape)} with "
+                         f"{int((attention_mask == 0).sum())} padded positions")
+    held, L = cache.get_seq_length(), input_ids.shape[1]
+    if held >= L:
+        raise ValueError(f"past_key_values holds {held} tokens; input_ids must extend them with "
+                         f"at least one more, found {L} tokens")
+
+
 def mask_windows(config) -> tuple[str, int | None]:
     """How the 4-D masks of a tree step carry ``config``'s sliding window:
     ``("none", None)`` (no layer slides), ``("all", W)`` (every layer slides by W: Mistral,
@@ -200,15 +226,21 @@ class TreeRunner:
             self.collect_timings()
         return self.costs.curve(self.seq_len)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: object | None = None) -> torch.Tensor:
         """Runs the left-padded prompts ``[B, L]`` (mask 1 on real tokens) and returns the last
-        position's logits ``[B, V]``. The last prompt token's KV is kept, like any prefix."""
+        position's logits ``[B, V]``. The last prompt token's KV is kept, like any prefix.
+
+        ``cache``: a cache of full layers (see :func:`check_cache`) that already holds the KV
+        of the first P < L tokens of the one unpadded row (an earlier call's
+        ``past_key_values``): only the last L - P tokens are run."""
         B, L = input_ids.shape
-        self.cache = _new_cache()
+        cached = 0 if cache is None else cache.get_seq_length()
+        self.cache = _new_cache() if cache is None else cache
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self._clock.time(
-            lambda: self.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=positions, use_cache=True,
+            lambda: self.model(input_ids=input_ids[:, cached:], attention_mask=attention_mask,
+                               position_ids=positions[:, cached:], use_cache=True,
                                **{self._cache_kw: self.cache}, **self._last_logits),
             _ignore)
         self.kv_start = (L - attention_mask.long().sum(-1)).to(input_ids.device)

@@ -170,3 +170,27 @@ def test_bad_past_key_values_raise_clearly():
     sliding.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
     with pytest.raises(ValueError, match="past_key_values has sliding-window layers"):
         fastdecode.generate(model, out.sequences, max_new_tokens=2, past_key_values=sliding)
+
+
+def test_sampling_settings_default_as_in_transformers():
+    """do_sample and the warpers come from the generation config, else transformers'
+    defaults: sampling keeps the 50 most likely tokens unless told otherwise."""
+    model = tiny("llama", seed=3, hidden=64, vocab=256)
+    ids = torch.full((1, 6), 5, dtype=torch.int64)
+
+    def run(**kw):
+        return fastdecode.generate(model, ids, max_new_tokens=4, eos_token_id=[],
+                                   output_scores=True, generator=torch.Generator().manual_seed(0),
+                                   **kw)
+
+    sampled = run(do_sample=True)
+    assert all((torch.isfinite(c).sum(-1) == 50).all() for c in sampled.scores)
+    assert all((torch.isfinite(c).sum(-1) == 256).all() for c in run(do_sample=True, top_k=0).scores)
+    saved = model.generation_config.do_sample, model.generation_config.top_k
+    try:
+        model.generation_config.do_sample, model.generation_config.top_k = True, 1
+        out = run()  # samples, from one token: greedy's output
+        assert all((torch.isfinite(c).sum(-1) == 1).all() for c in out.scores)
+        assert torch.equal(out.sequences, run(do_sample=False).sequences)
+    finally:
+        model.generation_config.do_sample, model.generation_config.top_k = saved

@@ -21,6 +21,9 @@ JACOBI_DEFAULTS = (7, 5, 7)  # (W, N, G): a window as wide as the candidates are
 JACOBI_AUTO_BOUNDS = (7, 10, 8)  # long candidates pay off where the output copies the prompt
 TRIE_DEFAULTS = (16, 8)  # (decoding_length, branch_length)
 TRIE_AUTO_BOUNDS = (64, 12)
+# transformers' own values for what neither the call nor the generation config sets
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                     "min_p": None}
 
 
 @dataclass
@@ -113,6 +116,14 @@ def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_len: 
                - prompt_len, 0)
 
 
+def _configured(name: str, value: object, gen_cfg: object) -> object:
+    """``value`` if given, else the generation config's, else transformers' default."""
+    if value is not None:
+        return value
+    configured = getattr(gen_cfg, name, None)
+    return configured if configured is not None else SAMPLING_DEFAULTS[name]
+
+
 def _warn_unused_sampling(given: dict[str, object]) -> None:
     """transformers' warning for sampling arguments given to greedy decoding."""
     unused = [f"{name}={value!r}" for name, value in given.items() if value is not None]
@@ -127,7 +138,8 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
              max_new_tokens: int | None = None, max_length: int | None = None,
              attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None,
-             do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+             do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
              no_repeat_ngram_size: int | None = None, logits_processor=None,
@@ -162,7 +174,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         pad_token_id: the token that pads rows that finished early; default: the generation
             config's, else the first EOS token, else 0.
         do_sample, temperature, top_k, top_p, min_p, generator: sampling (temperature,
-            top-k, top-p and min-p applied in transformers' order). Every emitted token is
+            top-k, top-p and min-p applied in transformers' order). What the call leaves None
+            comes from the generation config, else transformers' defaults (greedy; when
+            sampling, temperature 1, top_k 50, top_p 1); ``top_k=0`` keeps every token. Every emitted token is
             drawn from the processed distribution; seeded runs are reproducible but not
             token-identical to transformers' sampling. With ``do_sample=False`` a given
             ``temperature`` other than 1, ``top_k``, ``top_p`` other than 1 or ``min_p``
@@ -216,16 +230,26 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
     names = DRAFTING + tuple(PLAIN_SHORTHANDS)
     if strategy not in names:
         raise ValueError(f"strategy must be one of {', '.join(names)}, found {strategy!r}")
+    if generation_config is not None and not hasattr(generation_config, "max_length"):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, found "
+                        f"{type(generation_config).__name__}")
+    gen_cfg = generation_config if generation_config is not None else getattr(
+        model, "generation_config", None)
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    do_sample, temperature, top_k, top_p, min_p = (
+        _configured(name, value, gen_cfg)
+        for name, value in [("do_sample", do_sample), *given.items()])
     if strategy == "greedy" and do_sample:
         warnings.warn("strategy='greedy' with do_sample=True samples; pass strategy='plain' "
                       "with do_sample=True (or strategy='sample') instead", DeprecationWarning,
                       stacklevel=2)
     drafting = "plain" if strategy in PLAIN_SHORTHANDS else strategy
-    do_sample = do_sample or PLAIN_SHORTHANDS.get(strategy, False)
+    do_sample = bool(do_sample) or PLAIN_SHORTHANDS.get(strategy, False)
     if not do_sample:
-        _warn_unused_sampling({"temperature": None if temperature in (None, 1.0) else temperature,
-                               "top_k": top_k, "top_p": None if top_p in (None, 1.0) else top_p,
-                               "min_p": min_p})
+        _warn_unused_sampling({
+            "temperature": None if given["temperature"] in (None, 1.0) else temperature,
+            "top_k": given["top_k"], "top_p": None if given["top_p"] in (None, 1.0) else top_p,
+            "min_p": given["min_p"]})
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
     if config == "auto" and drafting not in ("jacobi", "trie"):
@@ -236,15 +260,9 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
     W, N, G = _settings(dict(window=window, ngram=ngram, guesses=guesses),
                         JACOBI_AUTO_BOUNDS if auto else JACOBI_DEFAULTS, (1, 2, 0))
-    sampling = SamplingConfig(do_sample=do_sample,
-                              temperature=1.0 if temperature is None else temperature,
-                              top_k=top_k, top_p=top_p, min_p=min_p)
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature,
+                              top_k=None if top_k == 0 else top_k, top_p=top_p, min_p=min_p)
     runner = TreeRunner(model)
-    gen_cfg = generation_config if generation_config is not None else getattr(
-        model, "generation_config", None)
-    if generation_config is not None and not hasattr(generation_config, "max_length"):
-        raise TypeError(f"generation_config must be a transformers GenerationConfig, found "
-                        f"{type(generation_config).__name__}")
     want_scores = bool(getattr(gen_cfg, "output_scores", False)
                        if output_scores is None else output_scores)
     want_logits = bool(getattr(gen_cfg, "output_logits", False)

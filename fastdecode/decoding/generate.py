@@ -124,6 +124,31 @@ def _configured(name: str, value: object, gen_cfg: object) -> object:
     return configured if configured is not None else SAMPLING_DEFAULTS[name]
 
 
+def _path_processors(gen_cfg: object, eos_ids: list[int], min_new_tokens: int | None,
+                     repetition_penalty: float | None, no_repeat_ngram_size: int | None,
+                     logits_processor) -> PathProcessors:
+    """The call's history-dependent processors, the generation config's values where the
+    call gives None."""
+    if min_new_tokens is None:
+        min_new_tokens = getattr(gen_cfg, "min_new_tokens", None) or 0
+    if repetition_penalty is None:
+        repetition_penalty = getattr(gen_cfg, "repetition_penalty", None)
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = getattr(gen_cfg, "no_repeat_ngram_size", None) or 0
+    custom = []
+    if _int("no_repeat_ngram_size", no_repeat_ngram_size, 0) > 0:
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        custom.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    for processor in logits_processor or ():
+        if not callable(processor):
+            raise TypeError(f"logits_processor must hold callables (transformers "
+                            f"LogitsProcessor), found {type(processor).__name__}")
+        custom.append(processor)
+    return PathProcessors(_int("min_new_tokens", min_new_tokens, 0), tuple(eos_ids),
+                          repetition_penalty, tuple(custom))
+
+
 def _warn_unused_sampling(given: dict[str, object]) -> None:
     """transformers' warning for sampling arguments given to greedy decoding."""
     unused = [f"{name}={value!r}" for name, value in given.items() if value is not None]
@@ -154,8 +179,10 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
     """Generates with ``model`` (a transformers causal LM), exactly.
 
     Args:
-        model: Llama, Qwen2, GPT-2 or another transformers causal LM on the attention
-            interface, with ``attn_implementation`` "sdpa", "eager" or "fastdecode".
+        model: a transformers causal LM on the attention interface (tests/test_families.py
+            covers Llama, Qwen2/3, Mistral, Phi3, GPT-2, GPT-NeoX, OLMo2, Granite, Qwen3-MoE,
+            Mixtral, Gemma2/3, sliding windows and soft-capping included), with
+            ``attn_implementation`` "sdpa", "eager" or "fastdecode".
         input_ids: int64 ``[B, L]`` prompts on the model's device; padded rows need
             ``attention_mask`` (left padding as transformers expects; right padding is moved).
         strategy: how a step drafts: "plain" (no drafts, one token a step), "jacobi"
@@ -225,7 +252,8 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             that are done).
 
     Returns:
-        :class:`GenerateOutput` with ``sequences`` and ``stats``.
+        :class:`GenerateOutput` with ``sequences``, ``stats``, ``past_key_values`` and, when
+        asked for, ``scores`` and ``logits``.
     """
     names = DRAFTING + tuple(PLAIN_SHORTHANDS)
     if strategy not in names:
@@ -295,27 +323,11 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
             f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 must fit in them, "
             f"found {longest} + {max_new_tokens} - 1 = {longest + max_new_tokens - 1}")
 
-    if min_new_tokens is None:
-        min_new_tokens = getattr(gen_cfg, "min_new_tokens", None) or 0
-    if repetition_penalty is None:
-        repetition_penalty = getattr(gen_cfg, "repetition_penalty", None)
     if getattr(gen_cfg, "num_beams", 1) not in (None, 1):
         raise ValueError(f"generation_config asks for beam search (num_beams="
                          f"{gen_cfg.num_beams}), which fastdecode.generate does not run")
-    custom = []
-    if no_repeat_ngram_size is None:
-        no_repeat_ngram_size = getattr(gen_cfg, "no_repeat_ngram_size", None) or 0
-    if _int("no_repeat_ngram_size", no_repeat_ngram_size, 0) > 0:
-        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
-
-        custom.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
-    for processor in logits_processor or ():
-        if not callable(processor):
-            raise TypeError(f"logits_processor must hold callables (transformers "
-                            f"LogitsProcessor), found {type(processor).__name__}")
-        custom.append(processor)
-    processors = PathProcessors(_int("min_new_tokens", min_new_tokens, 0), tuple(eos_ids),
-                                repetition_penalty, tuple(custom))
+    processors = _path_processors(gen_cfg, eos_ids, min_new_tokens, repetition_penalty,
+                                  no_repeat_ngram_size, logits_processor)
 
     drafter: Drafter
     if drafting == "jacobi" and config == "auto":

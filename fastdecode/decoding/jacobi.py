@@ -93,6 +93,7 @@ class JacobiDrafter:
         self.warmup = self.N - 2  # steps until every level comes from the model
         self._counts = self._counts.to(device)
         self._layouts: dict = {}
+        self._no_verify: dict[tuple[int, int], torch.Tensor] = {}  # (B, T): root-only tree
 
     def _layout(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.g, self.k, self.window_on)
@@ -107,10 +108,14 @@ class JacobiDrafter:
         """Verification tree over the candidates ``cand [B, g, k]``: chains from the root with
         equal prefixes merged (a trie); merged-away, missing and window nodes are -2."""
         B, G, K = cand.shape
+        if G == 0 or K == 0:  # nothing to verify: the same tree every step, made once
+            if (B, T) not in self._no_verify:
+                plain = torch.full((B, T), -2, dtype=torch.int64, device=cand.device)
+                plain[:, 0] = -1
+                self._no_verify[(B, T)] = plain
+            return self._no_verify[(B, T)]
         out = torch.full((B, T), -2, dtype=torch.int64, device=cand.device)
         out[:, 0] = -1
-        if G == 0 or K == 0:
-            return out
         gi = torch.arange(G, device=cand.device)
         valid = gi < count[:, None]  # [B, g]
         same = (cand[:, :, None, :] == cand[:, None, :, :]).long().cumprod(-1).bool()
@@ -151,8 +156,9 @@ class JacobiDrafter:
         if self.G > 0:  # the output's n-grams that end in this step's tokens
             first = (history.new_from - (self.N - 1)).maximum(history.start)
             self.pool.insert_sequence(history.tokens, first, history.end)
-        self._counts += torch.stack([(self.count.clamp(max=self.g) > 0).sum(),
-                                     (result.accept_len > 0).sum(), result.accept_len.sum()])
+        if self.g > 0 and self.k > 0:  # otherwise nothing was verified: all three counts are 0
+            self._counts += torch.stack([(self.count.clamp(max=self.g) > 0).sum(),
+                                         (result.accept_len > 0).sum(), result.accept_len.sum()])
         self.steps += 1
 
     def finish(self) -> None:

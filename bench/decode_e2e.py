@@ -18,10 +18,11 @@ transformers' rows included, so that every ratio compares strategies on the same
 hf_stock shows what the kernel itself changes. ``--linears torch`` runs everything on torch's.
 On CUDA the option changes nothing (the kernel is CPU-only).
 
-Reported per category: tokens/s (all tokens over all seconds, each prompt's fastest of the
-rounds, wall clock around the whole call), the step compression (greedy's model forwards over
-the strategy's; transformers does not report its forwards, so its rows have none), the speedup
-over greedy tokens/s, and whether every output equals greedy's, token for token.
+Reported per category: tokens/s (all tokens over all seconds, each prompt's fastest of its
+rounds, wall clock around the whole call; greedy and the two auto strategies, which the floor
+goal compares, run ``--floor-rounds`` rounds, the others ``--rounds``), the step compression
+(greedy's model forwards over the strategy's; transformers does not report its forwards, so its
+rows have none), the speedup over greedy tokens/s, and whether every round's output equals greedy's, token for token.
 
 Also the cost of one ``TreeRunner.forward`` against the tokens fed (chain trees) for the
 default model after a 256-token prefill; and on CUDA, for a randomly initialised model of
@@ -29,7 +30,8 @@ Llama-7B shape in bf16 after a 512-token prefill, with the share of a decoding c
 spent outside the model's forwards (``stats.overhead_s``) at that shape.
 
 Usage: python bench/decode_e2e.py [--device cpu|cuda] [--out DIR] [--quick] [--threads N]
-                                 [--rounds R] [--linears fastdecode|torch]
+                                 [--rounds R] [--floor-rounds F]
+                                 [--linears fastdecode|torch]
 Writes decode_e2e.json, decode_e2e.md, decode_e2e.png and decode_e2e_curve.png (the plots need
 matplotlib and are skipped with a note without it) into DIR (default
 bench/results/<device slug>/), and also into $OUT when that is set and --out is not given.
@@ -175,12 +177,13 @@ def run_strategy(model, ids: torch.Tensor, strategy: str, max_new_tokens: int,
 
 
 def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets: dict,
-                  rounds: int, linears: Linears, only: tuple[str, ...] = STRATEGIES
-                  ) -> list[dict]:
+                  rounds: int, floor_rounds: int, linears: Linears,
+                  only: tuple[str, ...] = STRATEGIES) -> list[dict]:
     """Every prompt with every strategy of ``only`` (hf_stock only while fastdecode's linears
-    are on), ``rounds`` interleaved rounds, every other one in reverse order (so that a machine
-    whose speed drifts within a round favours no strategy); one row per (prompt, strategy) with
-    its fastest round and the check against greedy."""
+    are on), ``rounds`` interleaved rounds (``floor_rounds`` for the :data:`LOADED` strategies,
+    which the floor goal compares), every other one in reverse order (so that a machine whose
+    speed drifts within a round favours no strategy); one row per (prompt, strategy) with its
+    fastest round and the check of every round's output against greedy's."""
     from fastdecode.models.prompts import chat_input_ids
 
     jobs = [(cat, i, chat_input_ids(tokenizer, p).to(device)) for cat, ps in prompts.items()
@@ -188,29 +191,35 @@ def bench_prompts(model, tokenizer, device: torch.device, prompts: dict, budgets
     lengths = {(cat, i): ids.shape[1] for cat, i, ids in jobs}
     best: dict[tuple, dict] = {}
     seconds: dict[tuple, list[float]] = {}
-    strategies = [s for s in STRATEGIES
-                  if s in only and (s != "hf_stock" or linears.handle is not None)]
-    for r in range(rounds):
+    present = [s for s in STRATEGIES
+               if s in only and (s != "hf_stock" or linears.handle is not None)]
+    total = max(rounds, floor_rounds)
+    outputs: dict[tuple, list[torch.Tensor]] = {}
+    for r in range(total):
+        strategies = [s for s in present
+                      if r < (floor_rounds if s in LOADED else rounds)]
         for cat, i, ids in jobs:
             for strategy in strategies if r % 2 == 0 else strategies[::-1]:
                 run = run_strategy(model, ids, strategy, budgets[cat], linears)
                 key = (cat, i, strategy)
                 seconds.setdefault(key, []).append(run["seconds"])
+                outputs.setdefault(key, []).append(run["sequences"])
                 if key not in best or run["seconds"] < best[key]["seconds"]:
                     best[key] = run
             g = best[(cat, i, "greedy")]
-            print(f"round {r + 1}/{rounds} {cat} {i + 1}: " + "  ".join(
+            print(f"round {r + 1}/{total} {cat} {i + 1}: " + "  ".join(
                 f"{s} {best[(cat, i, s)]['new_tokens'] / best[(cat, i, s)]['seconds']:.1f} tok/s"
                 for s in strategies) + f"  ({g['new_tokens']} tokens)", flush=True)
     rows = []
     for (cat, i, strategy), run in best.items():
-        greedy = best[(cat, i, "greedy")]
+        greedy = best[(cat, i, "greedy")]["sequences"]
         row = {"category": cat, "prompt": i, "strategy": strategy,
                "prompt_tokens": lengths[(cat, i)],
                "new_tokens": run["new_tokens"], "seconds": run["seconds"],
                "seconds_all_rounds": seconds[(cat, i, strategy)],
                "tokens_per_s": run["new_tokens"] / run["seconds"],
-               "identical": torch.equal(run["sequences"], greedy["sequences"])}
+               "identical": all(torch.equal(out, greedy)
+                                for out in outputs[(cat, i, strategy)])}
         for key in ("steps", "forward_s", "overhead_s", "drafter"):
             if key in run:
                 row[key] = run[key]
@@ -414,11 +423,13 @@ def markdown(report: dict) -> str:
              f"{report['fastdecode']}, {report['date']}; {threads} torch "
              f"thread{'s' if threads > 1 else ''}. Default model: SmolLM2-135M-Instruct, fp32, "
              f"batch 1, built-in prompt set; most new tokens per prompt: {budgets}. Each "
-             f"prompt's fastest of {report['rounds']} interleaved round(s) (every other one in reverse order), wall clock around the whole call (the "
-             "first `auto` call of the run also probes the model's forward costs, a few "
-             "forwards). Speedup and step compression are against fastdecode "
+             f"prompt's fastest of {report['rounds']} interleaved round(s) "
+             f"({report.get('floor_rounds', report['rounds'])} for fastdecode greedy, jacobi "
+             "auto and trie auto; every other round in reverse order), wall clock around the "
+             "whole call (the first `auto` call of the run also probes the model's forward "
+             "costs, a few forwards). Speedup and step compression are against fastdecode "
              "greedy; identical counts the prompts whose output equals greedy's token for "
-             "token.", ""]
+             "token in every round.", ""]
     if report.get("linears") == "fastdecode":
         lines += ["Every row but \"HF greedy, torch linears\" runs the model's `nn.Linear` layers "
                   "through fastdecode's CPU kernel (`fastdecode.hf.use_cpu_linears`), "
@@ -460,7 +471,8 @@ def markdown(report: dict) -> str:
         lines += ["## Under a competing load", "",
                   "The same prompts with one busy-looping process running beside the benchmark "
                   "(started by it and stopped after), greedy and the two `auto` strategies only, "
-                  f"each prompt's fastest of {report['rounds']} round(s):", "",
+                  f"each prompt's fastest of {report.get('floor_rounds', report['rounds'])} "
+                  "round(s):", "",
                   "| category | strategy | tok/s | step compression | speedup | identical |",
                   "| --- | --- | ---: | ---: | ---: | --- |"]
         lines += [f"| {s['category']} | {LABELS[s['strategy']]} | {s['tokens_per_s']:.1f} | "
@@ -575,9 +587,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linears", choices=("fastdecode", "torch"), default="fastdecode",
                         help="the kernels of the model's nn.Linear layers on the CPU: "
                         "fastdecode's (use_cpu_linears; default) or torch's")
+    parser.add_argument("--floor-rounds", type=int, default=4,
+                        help="rounds of greedy and the two auto strategies, the ones the floor "
+                        "goal compares (default 4; --quick: 1)")
     args = _report.parse(parser, argv)
-    if args.rounds < 1 or args.threads < 1:
-        parser.error("--rounds and --threads must be at least 1")
+    if min(args.rounds, args.floor_rounds, args.threads) < 1:
+        parser.error("--rounds, --floor-rounds and --threads must be at least 1")
     return args
 
 
@@ -594,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     rounds = 1 if args.quick else args.rounds
+    floor_rounds = 1 if args.quick else args.floor_rounds
     prompts = {c: ps[:1] for c, ps in PROMPTS.items()} if args.quick else PROMPTS
     budgets = {c: 16 for c in PROMPTS} if args.quick else dict(MAX_NEW_TOKENS)
     report = {
@@ -601,6 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__, "fastdecode": fastdecode.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": rounds,
+        "floor_rounds": floor_rounds,
         "linears": args.linears if device.type == "cpu" else "torch",
         "settings": {"window": W, "ngram": N, "guesses": G,
                      "prompt_lookup_num_tokens": LOOKUP_TOKENS},
@@ -617,13 +634,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         linears = Linears(model, args.linears == "fastdecode" and device.type == "cpu")
         report["rows"] = bench_prompts(model, tokenizer, device, prompts, budgets, rounds,
-                                       linears)
+                                       floor_rounds, linears)
         report["summary"] = summarize(report["rows"])
         if not args.no_load:
             print("under a competing load:", flush=True)
             with competing_load():
                 report["loaded_rows"] = bench_prompts(model, tokenizer, device, prompts, budgets,
-                                                      rounds, linears, LOADED)
+                                                      rounds, floor_rounds, linears,
+                                                      LOADED)
             report["loaded_summary"] = summarize(report["loaded_rows"])
         tokens = DEFAULT_CURVE_TOKENS[:6] if args.quick else DEFAULT_CURVE_TOKENS
         if linears.handle is not None:

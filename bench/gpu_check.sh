@@ -35,7 +35,7 @@ DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 BENCHES=(
   "tree_attention"
   "primitives"
-  "decode_e2e --rounds 1 --no-load"
+  "decode_e2e --rounds 1 --floor-rounds 1 --no-load"
   "castle --budget 60"
   "structured_ffn"
   "trie --quick"

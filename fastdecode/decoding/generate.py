@@ -156,7 +156,88 @@ def _warn_unused_sampling(given: dict[str, object]) -> None:
         warnings.warn(f"do_sample is False, so {', '.join(unused)} "
                       f"{'is' if len(unused) == 1 else 'are'} not used: greedy decoding takes "
                       "the most likely token; pass do_sample=True to sample", UserWarning,
+                      stacklevel=4)
+
+
+def _sampling(strategy: str, gen_cfg: object, do_sample: bool | None,
+              temperature: float | None, top_k: int | None, top_p: float | None,
+              min_p: float | None) -> tuple[str, SamplingConfig]:
+    """How the call drafts (``strategy`` with its plain shorthands resolved) and chooses
+    tokens (the given sampling arguments, the generation config's for None); warns where
+    transformers would (sampling arguments that greedy decoding ignores)."""
+    names = DRAFTING + tuple(PLAIN_SHORTHANDS)
+    if strategy not in names:
+        raise ValueError(f"strategy must be one of {', '.join(names)}, found {strategy!r}")
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    do_sample, temperature, top_k, top_p, min_p = (
+        _configured(name, value, gen_cfg)
+        for name, value in [("do_sample", do_sample), *given.items()])
+    if strategy == "greedy" and do_sample:
+        warnings.warn("strategy='greedy' with do_sample=True samples; pass strategy='plain' "
+                      "with do_sample=True (or strategy='sample') instead", DeprecationWarning,
                       stacklevel=3)
+    do_sample = bool(do_sample) or PLAIN_SHORTHANDS.get(strategy, False)
+    if not do_sample:
+        _warn_unused_sampling({
+            "temperature": None if given["temperature"] in (None, 1.0) else temperature,
+            "top_k": given["top_k"], "top_p": None if given["top_p"] in (None, 1.0) else top_p,
+            "min_p": given["min_p"]})
+    drafting = "plain" if strategy in PLAIN_SHORTHANDS else strategy
+    return drafting, SamplingConfig(do_sample=do_sample, temperature=temperature,
+                                    top_k=None if top_k == 0 else top_k, top_p=top_p,
+                                    min_p=min_p)
+
+
+def _special_tokens(gen_cfg: object, eos_token_id: int | list[int] | None,
+                    pad_token_id: int | None) -> tuple[list[int], int]:
+    """The EOS ids (the given ones, else the generation config's) and the pad id (the given
+    one, else the generation config's, else the first EOS id, else 0)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    eos_ids = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad_id = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
+    pad_id = _int("pad_token_id", pad_id, 0) if pad_id is not None else (
+        eos_ids[0] if eos_ids else 0)
+    return eos_ids, pad_id
+
+
+def _check_positions(model, limit: int | None, mask: torch.Tensor, max_new_tokens: int) -> None:
+    """A model with ``limit`` learned positions must hold the longest prompt of ``mask``
+    ``[B, L]`` and every new token but the last (whose position is never run)."""
+    longest = int(mask.sum(-1).max())
+    if limit is not None and max_new_tokens > 0 and longest + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"{type(model).__name__} has {limit} learned positions (max_position_embeddings): "
+            f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 must fit in them, "
+            f"found {longest} + {max_new_tokens} - 1 = {longest + max_new_tokens - 1}")
+
+
+def _drafter(drafting: str, auto: bool, vocab: int, jacobi: list[int], trie: list[int], *,
+             pool_from_prompt: bool, generator: torch.Generator | None,
+             trie_cache: object | None) -> Drafter:
+    """The drafter of ``drafting`` ("plain", "jacobi", "trie" or "prompt_lookup"; adaptive
+    with ``auto``) for a vocabulary of ``vocab`` tokens: ``jacobi`` holds (W, N, G),
+    ``trie`` (decoding_length, branch_length)."""
+    if drafting == "jacobi" and auto:
+        from fastdecode.decoding.auto_jacobi import AutoJacobi
+
+        return AutoJacobi(vocab, *jacobi, pool_from_prompt=pool_from_prompt, generator=generator)
+    if drafting == "jacobi":
+        from fastdecode.decoding.jacobi import JacobiDrafter
+
+        return JacobiDrafter(vocab, *jacobi, pool_from_prompt=pool_from_prompt,
+                             generator=generator)
+    if drafting == "trie" and auto:
+        from fastdecode.decoding.auto_trie import AutoTrie
+
+        return AutoTrie(vocab, *trie, cache=trie_cache)
+    if drafting in ("trie", "prompt_lookup"):
+        from fastdecode.decoding.trie_drafter import TrieDrafter
+
+        return TrieDrafter(vocab, *trie, cache=trie_cache,
+                           single_branch=drafting == "prompt_lookup")
+    return NoDraft()
 
 
 def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
@@ -203,11 +284,12 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         do_sample, temperature, top_k, top_p, min_p, generator: sampling (temperature,
             top-k, top-p and min-p applied in transformers' order). What the call leaves None
             comes from the generation config, else transformers' defaults (greedy; when
-            sampling, temperature 1, top_k 50, top_p 1); ``top_k=0`` keeps every token. Every emitted token is
-            drawn from the processed distribution; seeded runs are reproducible but not
-            token-identical to transformers' sampling. With ``do_sample=False`` a given
-            ``temperature`` other than 1, ``top_k``, ``top_p`` other than 1 or ``min_p``
-            warns, as transformers does, and greedy decoding ignores it.
+            sampling, temperature 1, top_k 50, top_p 1); ``top_k=0`` keeps every token. Every
+            emitted token is drawn from the processed distribution; seeded runs are
+            reproducible but not token-identical to transformers' sampling. With
+            ``do_sample=False`` a given ``temperature`` other than 1, ``top_k``, ``top_p``
+            other than 1 or ``min_p`` warns, as transformers does, and greedy decoding
+            ignores it.
         stopping_criteria: transformers ``StoppingCriteria`` (a ``StoppingCriteriaList`` or a
             list), asked after every new token of every row with the row's sequence
             ``[1, len]`` (left padding included) and that token's scores ``[1, V]``; a row
@@ -255,41 +337,22 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         :class:`GenerateOutput` with ``sequences``, ``stats``, ``past_key_values`` and, when
         asked for, ``scores`` and ``logits``.
     """
-    names = DRAFTING + tuple(PLAIN_SHORTHANDS)
-    if strategy not in names:
-        raise ValueError(f"strategy must be one of {', '.join(names)}, found {strategy!r}")
     if generation_config is not None and not hasattr(generation_config, "max_length"):
         raise TypeError(f"generation_config must be a transformers GenerationConfig, found "
                         f"{type(generation_config).__name__}")
     gen_cfg = generation_config if generation_config is not None else getattr(
         model, "generation_config", None)
-    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    do_sample, temperature, top_k, top_p, min_p = (
-        _configured(name, value, gen_cfg)
-        for name, value in [("do_sample", do_sample), *given.items()])
-    if strategy == "greedy" and do_sample:
-        warnings.warn("strategy='greedy' with do_sample=True samples; pass strategy='plain' "
-                      "with do_sample=True (or strategy='sample') instead", DeprecationWarning,
-                      stacklevel=2)
-    drafting = "plain" if strategy in PLAIN_SHORTHANDS else strategy
-    do_sample = bool(do_sample) or PLAIN_SHORTHANDS.get(strategy, False)
-    if not do_sample:
-        _warn_unused_sampling({
-            "temperature": None if given["temperature"] in (None, 1.0) else temperature,
-            "top_k": given["top_k"], "top_p": None if given["top_p"] in (None, 1.0) else top_p,
-            "min_p": given["min_p"]})
+    drafting, sampling = _sampling(strategy, gen_cfg, do_sample, temperature, top_k, top_p,
+                                   min_p)
     if config not in (None, "auto"):
         raise ValueError(f"config must be None or 'auto', found {config!r}")
     if config == "auto" and drafting not in ("jacobi", "trie"):
         raise ValueError(f"config='auto' applies to strategy 'jacobi' or 'trie', found {strategy!r}")
     auto = config == "auto"
-    decoding_length, branch_length = _settings(
-        dict(decoding_length=decoding_length, branch_length=branch_length),
-        TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
-    W, N, G = _settings(dict(window=window, ngram=ngram, guesses=guesses),
-                        JACOBI_AUTO_BOUNDS if auto else JACOBI_DEFAULTS, (1, 2, 0))
-    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature,
-                              top_k=None if top_k == 0 else top_k, top_p=top_p, min_p=min_p)
+    trie = _settings(dict(decoding_length=decoding_length, branch_length=branch_length),
+                     TRIE_AUTO_BOUNDS if auto else TRIE_DEFAULTS, (1, 0))
+    jacobi = _settings(dict(window=window, ngram=ngram, guesses=guesses),
+                       JACOBI_AUTO_BOUNDS if auto else JACOBI_DEFAULTS, (1, 2, 0))
     runner = TreeRunner(model)
     want_scores = bool(getattr(gen_cfg, "output_scores", False)
                        if output_scores is None else output_scores)
@@ -299,13 +362,7 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
         max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[1], gen_cfg)
     elif max_new_tokens is not None:  # input_ids itself is rejected below
         _int("max_new_tokens", max_new_tokens, 0)
-    if eos_token_id is None:
-        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-    eos_ids = [] if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    pad_id = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
-    pad_id = _int("pad_token_id", pad_id, 0) if pad_id is not None else (
-        eos_ids[0] if eos_ids else 0)
+    eos_ids, pad_id = _special_tokens(gen_cfg, eos_token_id, pad_token_id)
     device = model.get_output_embeddings().weight.device
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
@@ -315,43 +372,14 @@ def generate(model, input_ids: torch.Tensor, *, strategy: str = "jacobi",
     vocab = model.config.vocab_size
     if bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab})")
-    longest = int(mask.sum(-1).max())
-    limit = runner.position_limit
-    if limit is not None and max_new_tokens > 0 and longest + max_new_tokens - 1 > limit:
-        raise ValueError(
-            f"{type(model).__name__} has {limit} learned positions (max_position_embeddings): "
-            f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 must fit in them, "
-            f"found {longest} + {max_new_tokens} - 1 = {longest + max_new_tokens - 1}")
-
+    _check_positions(model, runner.position_limit, mask, max_new_tokens)
     if getattr(gen_cfg, "num_beams", 1) not in (None, 1):
         raise ValueError(f"generation_config asks for beam search (num_beams="
                          f"{gen_cfg.num_beams}), which fastdecode.generate does not run")
     processors = _path_processors(gen_cfg, eos_ids, min_new_tokens, repetition_penalty,
                                   no_repeat_ngram_size, logits_processor)
-
-    drafter: Drafter
-    if drafting == "jacobi" and config == "auto":
-        from fastdecode.decoding.auto_jacobi import AutoJacobi
-
-        drafter = AutoJacobi(model.config.vocab_size, W, N, G,
-                             pool_from_prompt=pool_from_prompt, generator=generator)
-    elif drafting == "jacobi":
-        from fastdecode.decoding.jacobi import JacobiDrafter
-
-        drafter = JacobiDrafter(model.config.vocab_size, W, N, G, pool_from_prompt=pool_from_prompt,
-                                generator=generator)
-    elif drafting == "trie" and config == "auto":
-        from fastdecode.decoding.auto_trie import AutoTrie
-
-        drafter = AutoTrie(model.config.vocab_size, decoding_length, branch_length,
-                           cache=trie_cache)
-    elif drafting in ("trie", "prompt_lookup"):
-        from fastdecode.decoding.trie_drafter import TrieDrafter
-
-        drafter = TrieDrafter(model.config.vocab_size, decoding_length, branch_length,
-                              cache=trie_cache, single_branch=drafting == "prompt_lookup")
-    else:
-        drafter = NoDraft()
+    drafter = _drafter(drafting, auto, vocab, jacobi, trie, pool_from_prompt=pool_from_prompt,
+                       generator=generator, trie_cache=trie_cache)
     outputs = TokenOutputs(ids.shape[0], want_scores, want_logits) \
         if want_scores or want_logits else None
     stop = stopping_check(stopping_criteria) if stopping_criteria is not None else None

@@ -10,22 +10,15 @@ import pytest
 import torch
 from conftest import flat_forward_costs
 from test_generate import EOS, PAD, prompts, tiny
-from test_sampling import P_THRESHOLD, PROMPT, VOCAB, chi2_pvalue, small_vocab_model
+from test_families import STRATEGIES
+from test_sampling import (P_THRESHOLD, PROMPT, VOCAB, chi2_pvalue, exact_probs,
+                           small_vocab_model)
 
 transformers = pytest.importorskip("transformers")
 
 import fastdecode  # noqa: E402
 from fastdecode.decoding.path_processors import PathProcessors  # noqa: E402
-from fastdecode.decoding.sampling import SamplingConfig, processed_logits  # noqa: E402
-
-STRATEGIES = {
-    "greedy": dict(strategy="greedy"),
-    "jacobi": dict(strategy="jacobi", window=3, ngram=3, guesses=3),
-    "trie": dict(strategy="trie"),
-    "prompt_lookup": dict(strategy="prompt_lookup"),
-    "jacobi-auto": dict(strategy="jacobi", config="auto"),
-    "trie-auto": dict(strategy="trie", config="auto"),
-}
+from fastdecode.decoding.sampling import SamplingConfig  # noqa: E402
 
 
 def test_every_node_sees_its_own_sequence():
@@ -105,34 +98,16 @@ def test_generation_config_values_are_the_defaults():
         model.generation_config.repetition_penalty, model.generation_config.min_new_tokens = saved
 
 
-def exact_penalized_probs(model, cfg: SamplingConfig, penalty: float) -> torch.Tensor:
-    """p(t1, t2, t3) after PROMPT with the repetition penalty on each context, float64
-    [V, V, V], by enumerating every continuation."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-    rule = RepetitionPenaltyLogitsProcessor(penalty)
-    prompt = torch.tensor(PROMPT)
-    with torch.no_grad():
-        def next_probs(ctx: torch.Tensor) -> torch.Tensor:
-            logits = rule(ctx, model(ctx).logits[:, -1].float())
-            return processed_logits(logits, cfg).softmax(-1).double()
-
-        p1 = next_probs(prompt[None])[0]
-        t1 = torch.arange(VOCAB)
-        p2 = next_probs(torch.cat([prompt.expand(VOCAB, -1), t1[:, None]], 1))
-        pairs = torch.cartesian_prod(t1, t1)
-        p3 = next_probs(torch.cat([prompt.expand(VOCAB**2, -1), pairs], 1)).view(VOCAB, VOCAB, VOCAB)
-    return p1[:, None, None] * p2[:, :, None] * p3
-
-
 @pytest.mark.parametrize("strategy,settings", [
     ("jacobi", dict(window=2, ngram=3, guesses=4)),
     ("trie", dict(decoding_length=12, branch_length=3)),
 ])
 def test_sampling_with_a_repetition_penalty_is_exact(strategy, settings):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
     model = small_vocab_model()
     cfg = SamplingConfig(True, temperature=0.9)
-    p = exact_penalized_probs(model, cfg, 1.3)
+    p = exact_probs(model, cfg, RepetitionPenaltyLogitsProcessor(1.3))
     rows = 4000
     ids = torch.tensor(PROMPT).expand(rows, -1).contiguous()
     out = fastdecode.generate(model, ids, strategy=strategy, do_sample=True, temperature=0.9,

@@ -105,12 +105,15 @@ def small_vocab_model():
     return model
 
 
-def exact_probs(model, cfg: SamplingConfig) -> torch.Tensor:
-    """p(t1, t2, t3) after PROMPT, float64 [V, V, V], by enumerating every continuation."""
+def exact_probs(model, cfg: SamplingConfig, rule=None) -> torch.Tensor:
+    """p(t1, t2, t3) after PROMPT, float64 [V, V, V], by enumerating every continuation;
+    ``rule`` (a transformers logits processor) processes each context's logits first."""
     prompt = torch.tensor(PROMPT)
     with torch.no_grad():
         def next_probs(ctx: torch.Tensor) -> torch.Tensor:
-            logits = model(ctx).logits[:, -1]
+            logits = model(ctx).logits[:, -1].float()
+            if rule is not None:
+                logits = rule(ctx, logits)
             return processed_logits(logits, cfg).softmax(-1).double()
 
         p1 = next_probs(prompt[None])[0]

@@ -84,10 +84,11 @@ def fastest_rows(passes: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for method in passes:
         for key, runs in cells(method).items():
-            best = min(runs, key=lambda r: r["seconds"])
-            row = {"method": method, **vllm_driver.summarize(best, base[key])}
-            row["identical"] = min(vllm_driver.summarize(r, base[key])["identical"]
-                                   for r in runs)
+            summaries = [vllm_driver.summarize(r, base[key]) for r in runs]
+            fastest = min(range(len(runs)), key=lambda i: runs[i]["seconds"])
+            best = runs[fastest]
+            row = {"method": method, **summaries[fastest]}
+            row["identical"] = min(s["identical"] for s in summaries)
             row["seconds_all_passes"] = [r["seconds"] for r in runs]
             if method == "fastdecode" and best.get("drafter_stats"):
                 row["proposer"] = best["drafter_stats"]

@@ -11,6 +11,7 @@ import torch
 from test_generate import prompts, tiny
 
 import fastdecode
+from fastdecode.decoding.auto_jacobi import AutoJacobi
 from fastdecode.decoding.budget import MARGIN, BudgetChooser, Option, nearly_free
 from fastdecode.decoding.drafter import Draft, History, NoDraft
 from fastdecode.decoding.loop import decode
@@ -129,3 +130,65 @@ def test_history_holds_each_steps_new_tokens_on_the_host(eos):
         new = seq[b, ids.shape[1]:].tolist()
         emitted = new.index(7) + 1 if eos and 7 in new else 9
         assert [t for step in recorder.seen for t in step[b]] == new[:emitted]
+
+
+class WatchedJacobi(AutoJacobi):
+    """AutoJacobi that logs every step's lookup (candidates, counts, each row's length before
+    the step's tokens, whether the row got tokens) for an offline recount of its scores."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple] = []
+
+    def observe(self, draft, logits, result, history: History) -> None:
+        self.log.append((self.candidates.tolist(), self.count.tolist(),
+                         [len(r) for r in self.rows], [bool(n) for n in history.new]))
+        super().observe(draft, logits, result, history)
+
+
+def recount(drafter: WatchedJacobi) -> tuple[list[list[int]], int, int]:
+    """The score table, the scored lookups and the lookups still open, counted from the log
+    and the rows' final tokens."""
+    K, G = drafter.N - 1, drafter.G
+    score, scored, open_ = [[0] * drafter.N for _ in range(G + 1)], 0, 0
+    for cands, counts, lengths, running in drafter.log:
+        for b in range(len(lengths)):
+            if not running[b]:
+                continue
+            x = lengths[b] - 1
+            real = drafter.rows[b][x + 1: x + 1 + K]
+            matched = []
+            for cand in cands[b][: counts[b]]:
+                m = 0
+                while m < len(real) and cand[m] == real[m]:
+                    m += 1
+                matched.append(m)
+            if len(real) < K and max(matched, default=0) == len(real):
+                open_ += 1
+                continue
+            for g in range(1, G + 1):
+                best = max(matched[:g], default=0)
+                for k in range(1, drafter.N):
+                    score[g][k] += min(best, k)
+            scored += 1
+    return score, scored, open_
+
+
+def test_auto_jacobi_scores_every_running_rows_lookup_once():
+    """The incremental scoring (lookups with no candidate at all scored at once, finished rows
+    dropped) equals an offline recount over every step's logged lookup."""
+    model = tiny("llama", seed=3)
+    ids, mask = prompts(3, 14, seed=4, pad_rows={1: 3})
+    plain, _ = decode(TreeRunner(model), NoDraft(), ids, mask, max_new_tokens=24, eos_ids=[],
+                      pad_id=0, sampling=SamplingConfig(do_sample=False))
+    row0 = plain[0, ids.shape[1]:].tolist()
+    others = plain[1:, ids.shape[1]:].flatten().tolist()
+    eos = next(t for t in row0[2:] if t not in others)  # row 0 stops early, the others run
+    drafter = WatchedJacobi(model.config.vocab_size, 3, 4, 3)
+    seq, stats = decode(TreeRunner(model), drafter, ids, mask, max_new_tokens=24, eos_ids=[eos],
+                        pad_id=0, sampling=SamplingConfig(do_sample=False))
+    assert (seq[0] == 0).any() and stats.steps > 3  # row 0 finished before the others
+    score, scored, open_ = recount(drafter)
+    assert drafter.score == score and drafter.scored == scored
+    assert len(drafter.pending) == open_ < 3 * (drafter.N - 1)
+    assert any(not all(r) for *_, r in drafter.log)  # steps ran with a finished row

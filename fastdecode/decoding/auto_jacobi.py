@@ -40,6 +40,7 @@ class AutoJacobi(JacobiDrafter):
         self.score = [[0] * ngram for _ in range(guesses + 1)]
         self.scored = 0
         self.use_window: bool | None = None
+        self._found = True  # whether the step's lookup found a candidate for some row
 
     def start(self, history: History) -> None:
         super().start(history)
@@ -55,7 +56,8 @@ class AutoJacobi(JacobiDrafter):
         # feed padding in the candidates' places
         last = torch.tensor([row[-1] for row in self.rows], device=self.device)
         self._looked = self.pool.lookup(last)
-        if self.scored and int(self._looked[1].max()) > 0:
+        self._found = int(self._looked[1].max()) > 0
+        if self.scored and self._found:
             n = self.scored  # expected accepted drafts per step: score / n
             options += [Option((g, k), f"g={g},k={k}", 1.0 + self.score[g][k] / n,
                                self._tokens(g, k))
@@ -67,6 +69,8 @@ class AutoJacobi(JacobiDrafter):
 
     def propose(self, last: torch.Tensor, budget: Hashable = None) -> Draft:
         g, k = budget if budget is not None else (self.G, self.N - 1)
+        if self._looked is None:  # options() did not run this step: no lookup to go by
+            self._found = True
         self.set_step(g, k, bool(self.use_window))
         return super().propose(last)
 
@@ -75,11 +79,17 @@ class AutoJacobi(JacobiDrafter):
         super().observe(draft, logits, result, history)
         for row, new in zip(self.rows, history.new):
             row.extend(new)
-        cands = self.candidates.tolist()
-        counts = self.count.tolist()
-        for b, (c, n) in enumerate(zip(cands, counts)):
-            self.pending.append((b, len(self.rows[b]) - len(history.new[b]) - 1, c[:n]))
-        self._score()
+        # a finished row (no new tokens) never learns its continuation: its lookup is dropped
+        if self._found:
+            cands = self.candidates.tolist()
+            counts = self.count.tolist()
+            for b, (c, n) in enumerate(zip(cands, counts)):
+                if history.new[b]:
+                    self.pending.append((b, len(self.rows[b]) - len(history.new[b]) - 1, c[:n]))
+        else:  # no row had a candidate: each running row's lookup is scored now, as 0 accepted
+            self.scored += sum(1 for new in history.new if new)
+        if self.pending:
+            self._score()
 
     def _score(self) -> None:
         """Scores every pending lookup whose outcome is known: its next N-1 tokens are out, or

@@ -41,12 +41,22 @@ class StepCosts:
         self._single: dict[int, deque[float]] = {}  # bucket: seconds of 1-token forwards
         self._ratios: dict[int, dict[int, deque[float]]] = {}  # bucket: T: ratios to 1 token
         self._curves: dict[int, list[tuple[int, float]]] = {}
+        self._medians: dict[tuple[int, int], float] = {}  # (bucket, tokens): median, until an add
+
+    def _median(self, b: int, tokens: int) -> float:
+        """The median of bucket ``b``'s samples for ``tokens`` (seconds for 1, else ratios),
+        kept until that list changes."""
+        key = (b, tokens)
+        if key not in self._medians:
+            samples = self._single[b] if tokens == 1 else self._ratios[b][tokens]
+            self._medians[key] = statistics.median(samples)
+        return self._medians[key]
 
     def _base(self, b: int) -> float | None:
         """The single-token median of bucket ``b``, else of the nearest bucket with one."""
         if not self._single:
             return None
-        return statistics.median(self._single[min(self._single, key=lambda bb: (abs(bb - b), bb))])
+        return self._median(min(self._single, key=lambda bb: (abs(bb - b), bb)), 1)
 
     def add(self, context: int, tokens: int, seconds: float) -> None:
         """Records one forward of ``tokens`` tokens that took ``seconds`` at a context of
@@ -60,6 +70,7 @@ class StepCosts:
                 return
             self._ratios.setdefault(b, {}).setdefault(tokens, deque(maxlen=SAMPLES)).append(
                 seconds / base)
+        self._medians.pop((b, tokens), None)
         self._curves.clear()
 
     def median(self, context: int, tokens: int) -> float | None:
@@ -68,11 +79,11 @@ class StepCosts:
         b = bucket_of(context)
         if b not in self._single:
             return None
-        base = statistics.median(self._single[b])
+        base = self._median(b, 1)
         if tokens == 1:
             return base
         ratios = self._ratios.get(b, {}).get(tokens)
-        return base * statistics.median(ratios) if ratios else None
+        return base * self._median(b, tokens) if ratios else None
 
     def measured(self) -> bool:
         """Whether a single-token and a larger forward have been timed."""
@@ -88,8 +99,9 @@ class StepCosts:
             near = sorted(self._ratios, key=lambda bb: (abs(bb - b), bb))
             ratios: dict[int, float] = {1: 1.0}
             for bb in near:
-                for t, r in self._ratios[bb].items():
-                    ratios.setdefault(t, statistics.median(r))
+                for t in self._ratios[bb]:
+                    if t not in ratios:
+                        ratios[t] = self._median(bb, t)
             base = self._base(b)
             self._curves[b] = [(t, base * ratios[t]) for t in sorted(ratios)]
         return self._curves[b]

@@ -30,11 +30,13 @@ Llama-7B shape in bf16 after a 512-token prefill, with the share of a decoding c
 spent outside the model's forwards (``stats.overhead_s``) at that shape.
 
 Usage: python bench/decode_e2e.py [--device cpu|cuda] [--out DIR] [--quick] [--threads N]
-                                 [--rounds R] [--floor-rounds F]
+                                 [--rounds R] [--floor-rounds F] [--no-load | --floor-only]
                                  [--linears fastdecode|torch]
 Writes decode_e2e.json, decode_e2e.md, decode_e2e.png and decode_e2e_curve.png (the plots need
 matplotlib and are skipped with a note without it) into DIR (default
 bench/results/<device slug>/), and also into $OUT when that is set and --out is not given.
+``--floor-only`` runs just the pass under a competing load and writes decode_floor.json and
+decode_floor.md instead.
 """
 
 from __future__ import annotations
@@ -587,12 +589,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linears", choices=("fastdecode", "torch"), default="fastdecode",
                         help="the kernels of the model's nn.Linear layers on the CPU: "
                         "fastdecode's (use_cpu_linears; default) or torch's")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only the run under a competing load (greedy and the auto "
+                        "strategies, --floor-rounds rounds), written as decode_floor.json/.md "
+                        "beside the full results")
     parser.add_argument("--floor-rounds", type=int, default=4,
                         help="rounds of greedy and the two auto strategies, the ones the floor "
                         "goal compares (default 4; --quick: 1)")
     args = _report.parse(parser, argv)
     if min(args.rounds, args.floor_rounds, args.threads) < 1:
         parser.error("--rounds, --floor-rounds and --threads must be at least 1")
+    if args.floor_only and args.no_load:
+        parser.error("--floor-only runs only the loaded pass: it cannot take --no-load")
     return args
 
 
@@ -633,9 +641,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping the default model: {report['real_model_skipped']}", flush=True)
     else:
         linears = Linears(model, args.linears == "fastdecode" and device.type == "cpu")
-        report["rows"] = bench_prompts(model, tokenizer, device, prompts, budgets, rounds,
-                                       floor_rounds, linears)
-        report["summary"] = summarize(report["rows"])
+        if not args.floor_only:
+            report["rows"] = bench_prompts(model, tokenizer, device, prompts, budgets, rounds,
+                                           floor_rounds, linears)
+            report["summary"] = summarize(report["rows"])
         if not args.no_load:
             print("under a competing load:", flush=True)
             with competing_load():
@@ -643,6 +652,14 @@ def main(argv: list[str] | None = None) -> None:
                                                       rounds, floor_rounds, linears,
                                                       LOADED)
             report["loaded_summary"] = summarize(report["loaded_rows"])
+        if args.floor_only:
+            report["goals"] = [g for g in goals([], device.type, None, report["loaded_summary"])
+                               if g["goal"] == GOALS["floor"]]
+            for g in report["goals"]:
+                print(f"goal: {g['goal']}: {g['status']} {g['values']}")
+            folder, also = _report.folders(args.out, RESULTS / device_slug(device))
+            _report.save("decode_floor", report, markdown(report), folder, also)
+            return
         tokens = DEFAULT_CURVE_TOKENS[:6] if args.quick else DEFAULT_CURVE_TOKENS
         if linears.handle is not None:
             report["curves"].append(curve_entry(

@@ -420,19 +420,25 @@ def markdown(report: dict) -> str:
     """The report as a markdown page."""
     threads = report["torch_threads"]
     budgets = ", ".join(f"{c} {n}" for c, n in report["max_new_tokens"].items())
+    floor_rounds = report.get("floor_rounds", report["rounds"])
+    full = bool(report["rows"])  # False for --floor-only: the loaded pass alone
+    rounds = (f"{report['rounds']} interleaved round(s) ({floor_rounds} for fastdecode greedy, "
+              "jacobi auto and trie auto; every other round in reverse order)" if full else
+              f"{floor_rounds} interleaved round(s) (every other one in reverse order)")
     lines = [f"# fastdecode end-to-end decoding on {report['device']}", "",
              f"torch {report['torch']}, transformers {report['transformers']}, fastdecode "
              f"{report['fastdecode']}, {report['date']}; {threads} torch "
              f"thread{'s' if threads > 1 else ''}. Default model: SmolLM2-135M-Instruct, fp32, "
              f"batch 1, built-in prompt set; most new tokens per prompt: {budgets}. Each "
-             f"prompt's fastest of {report['rounds']} interleaved round(s) "
-             f"({report.get('floor_rounds', report['rounds'])} for fastdecode greedy, jacobi "
-             "auto and trie auto; every other round in reverse order), wall clock around the "
+             f"prompt's fastest of {rounds}, wall clock around the "
              "whole call (the first `auto` call of the run also probes the model's forward "
              "costs, a few forwards). Speedup and step compression are against fastdecode "
              "greedy; identical counts the prompts whose output equals greedy's token for "
              "token in every round.", ""]
-    if report.get("linears") == "fastdecode":
+    if report.get("linears") == "fastdecode" and not full:
+        lines += ["Every model forward runs the model's `nn.Linear` layers through "
+                  "fastdecode's CPU kernel (`fastdecode.hf.use_cpu_linears`).", ""]
+    elif report.get("linears") == "fastdecode":
         lines += ["Every row but \"HF greedy, torch linears\" runs the model's `nn.Linear` layers "
                   "through fastdecode's CPU kernel (`fastdecode.hf.use_cpu_linears`), "
                   "transformers' rows included, so that the ratios compare strategies on the "
@@ -473,8 +479,7 @@ def markdown(report: dict) -> str:
         lines += ["## Under a competing load", "",
                   "The same prompts with one busy-looping process running beside the benchmark "
                   "(started by it and stopped after), greedy and the two `auto` strategies only, "
-                  f"each prompt's fastest of {report.get('floor_rounds', report['rounds'])} "
-                  "round(s):", "",
+                  f"each prompt's fastest of {floor_rounds} round(s):", "",
                   "| category | strategy | tok/s | step compression | speedup | identical |",
                   "| --- | --- | ---: | ---: | ---: | --- |"]
         lines += [f"| {s['category']} | {LABELS[s['strategy']]} | {s['tokens_per_s']:.1f} | "

@@ -365,7 +365,7 @@ def test_draft_length_follows_the_engines_step_times(per_draft, drafts):
     accepted token brings (30 ms a token: three plain steps)."""
     clock = [0.0]
     proposer = TrieProposer(config())
-    proposer.costs = EngineStepCosts(proposer.token_cost, clock=lambda: clock[0])
+    proposer.costs = EngineStepCosts(clock=lambda: clock[0])
     batch = Batch(proposer, rows=2, max_len=2048)
     for row in range(2):
         prompt = permutation(row, range(100 * row, 100 * row + 40))
@@ -391,3 +391,51 @@ def test_methods_to_run():
         methods_to_run("ngram4,fastdecode")
     with pytest.raises(ValueError, match="found 'none,medusa'"):
         methods_to_run("none,medusa")
+
+
+class TableCosts(EngineStepCosts):
+    """Step seconds from a function of (rows, drafts), for the batch's draft choice alone."""
+
+    def __init__(self, seconds) -> None:
+        super().__init__()
+        self._table = seconds
+
+    def seconds(self, rows: int, drafts: int) -> float:
+        return self._table(rows, drafts)
+
+    def explore(self) -> bool:
+        return False
+
+
+def test_the_batch_drafts_its_best_gains_at_the_best_expected_rate():
+    proposer = TrieProposer(config())
+    proposer.costs = TableCosts(lambda rows, drafts: rows + 0.3 * drafts)
+    # rates (rows + gains) / cost for D = 0..5: 1.0 (x1.05 to beat), 1.26, 1.42, 1.52, 1.44, 1.34
+    assert proposer._lengths([[0.9, 0.8, 0.2], [0.7, 0.1]]) == [2, 1]
+    assert proposer._lengths([[0.04, 0.03], [], [0.02]]) == [0, 0, 0]  # nothing pays
+    assert proposer._lengths([]) == []
+    # an engine whose one-row step feeding 4 tokens is cheaper than feeding 1 (vLLM's CPU
+    # engine was measured so): even unlikely drafts pay there
+    cheap4 = {0: 0.050, 1: 0.060, 2: 0.047, 3: 0.044, 4: 0.050}
+    proposer.costs = TableCosts(lambda rows, drafts: cheap4[drafts])
+    assert proposer._lengths([[0.05, 0.04, 0.03, 0.02]]) == [3]
+
+
+def test_every_scored_chain_teaches_its_positions():
+    """A chain drafted after a 3-token match whose first 2 drafts agreed with what came next:
+    its (context length 3, position) cells gain a hit at positions 1-2 and its chances at all
+    4, older outcomes weighing POSITION_DECAY less per chain."""
+    from fastdecode.integrations.vllm import _Lookup
+
+    proposer = TrieProposer(config())
+    row = np.array([7, 8, 9, 1, 2, 9, 1, 2, 9], dtype=np.int32)
+    req = proposer._start(row, 3, 1)
+    for n, chances in ((6, [1.0, 0.5, 0.5, 0.25]), (9, [1.0, 1.0, 1.0, 1.0])):
+        req.pending.append(_Lookup([1, 2, 3, 4], chances, 3, sum(chances)))
+        req = proposer._update(req, row, n)
+        assert not req.pending
+    d = TrieProposer.POSITION_DECAY
+    assert proposer._pos_hits[2, :5].tolist() == pytest.approx([1 + d, 1 + d, 0, 0, 0])
+    assert proposer._pos_expected[2, :5].tolist() == pytest.approx(
+        [d + 1, 0.5 * d + 1, 0.5 * d + 1, 0.25 * d + 1, 0])
+    assert not proposer._pos_hits[[0, 1, 3]].any() and not proposer._pos_expected[[0, 1, 3]].any()

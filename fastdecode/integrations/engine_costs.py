@@ -13,10 +13,13 @@ saw and the drafts it handed out collects the engine's step times without touchi
 over the most recent ``WINDOW`` intervals that were clean: no request joined or was prefilling
 during the interval, since prefill tokens are not in the model.
 
-:meth:`EngineStepCosts.token_cost` turns the fit into the price of one draft token relative to
-one row's share of a plain step, ``b * B / (a + r * B)`` for a batch of B rows; it is
-``prior`` until the fit has seen the drafts vary; :meth:`EngineStepCosts.explore` tells the
-drafter when to vary them.
+There is no fit until the drafts have varied (``b`` cannot be told from the rest before);
+:meth:`EngineStepCosts.explore` tells the drafter when to vary them.
+
+A line is not the whole curve: on vLLM's CPU engine a one-row step that feeds 4 tokens was
+measured faster than one that feeds 1 or 2 (the matrix kernels change with the row count). So
+:meth:`EngineStepCosts.seconds` answers from the step times kept per ``(rows, drafts)`` cell
+(their median, once a cell holds ``CELL_MIN``) and from the line elsewhere.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ class EngineStepCosts:
     docstring).
 
     Args:
-        prior: the draft-token price used before a fit exists (>= 0).
         clock: seconds, monotonic (default ``time.perf_counter``).
     """
 
@@ -41,15 +43,18 @@ class EngineStepCosts:
     MIN_SAMPLES = 16  # before the first fit
     REFIT_EVERY = 8  # intervals between fits
     EXPLORE_EVERY = 16  # calls between exploring steps while the drafts do not vary
+    CELL_KEEP = 16  # step times kept per (rows, drafts) cell
+    CELL_MIN = 3  # before a cell's median replaces the line
 
-    def __init__(self, prior: float, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.prior = prior
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.fit: tuple[float, float, float] | None = None  # (a, r, b) in seconds
         self._samples: deque[tuple[int, int, float]] = deque(maxlen=self.WINDOW)
         self._since_fit = 0
         self._open: tuple[float, int, int] | None = None  # (end of the last call, rows, drafts)
         self._calls = 0
+        self._cells: dict[tuple[int, int], deque[float]] = {}
+        self._cell_median: dict[tuple[int, int], float] = {}
 
     def call_started(self, clean: bool) -> None:
         """At the start of a drafter call: closes the interval since the previous call and keeps
@@ -60,6 +65,7 @@ class EngineStepCosts:
             end, rows, drafts = self._open
             if rows:
                 self._samples.append((rows, drafts, now - end))
+                self._keep_cell(rows, drafts, now - end)
                 self._since_fit += 1
                 if len(self._samples) >= self.MIN_SAMPLES and self._since_fit >= self.REFIT_EVERY:
                     self._refit()
@@ -78,14 +84,24 @@ class EngineStepCosts:
             return False
         return len({drafts for _, drafts, _ in self._samples}) < 2
 
-    def token_cost(self, rows: int) -> float:
-        """The price of one draft token, as a fraction of one row's share of a plain step of a
-        ``rows``-row batch."""
+    def seconds(self, rows: int, drafts: int) -> float | None:
+        """The expected seconds of a step of ``rows`` decoding rows verifying ``drafts`` draft
+        tokens in all: the median of the cell's kept step times once it holds ``CELL_MIN``,
+        else the line's ``a + r * rows + b * drafts``; None before the first fit."""
         if self.fit is None:
-            return self.prior
+            return None
+        median = self._cell_median.get((rows, drafts))
+        if median is not None:
+            return median
         a, r, b = self.fit
-        share = a / max(1, rows) + r
-        return b / share if share > 0 else self.prior
+        return a + r * rows + b * drafts
+
+    def _keep_cell(self, rows: int, drafts: int, seconds: float) -> None:
+        key = (rows, drafts)
+        cell = self._cells.setdefault(key, deque(maxlen=self.CELL_KEEP))
+        cell.append(seconds)
+        if len(cell) >= self.CELL_MIN:
+            self._cell_median[key] = float(np.median(cell))
 
     def _refit(self) -> None:
         self._since_fit = 0
@@ -112,5 +128,7 @@ class EngineStepCosts:
 
     def stats(self) -> dict:
         """The fit (seconds: fixed, per row, per draft token; None before one), the clean
-        intervals kept, and the prior."""
-        return {"fit": self.fit, "samples": len(self._samples), "prior": self.prior}
+        intervals kept, and the cells that answer :meth:`seconds` by their median
+        (``"rows/drafts"``: seconds)."""
+        return {"fit": self.fit, "samples": len(self._samples),
+                "cells": {f"{r}/{d}": m for (r, d), m in sorted(self._cell_median.items())}}

@@ -16,13 +16,14 @@ import itertools
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from fastdecode import _native
-from fastdecode.decoding.budget import BudgetChooser, Option
+from fastdecode.decoding.budget import MARGIN
 from fastdecode.decoding.trie_cache import TrieCache
 from fastdecode.integrations.engine_costs import EngineStepCosts
 from fastdecode.ops import _validate
@@ -72,10 +73,11 @@ class _Lookup:
     next: ``matched`` of its drafts agree with them, ``final`` once one disagrees or the chain
     is used up; ``expected``: the sum of its drafts' chances under the trie's counts."""
 
-    __slots__ = ("chain", "expected", "matched", "final")
+    __slots__ = ("chain", "chances", "context", "expected", "matched", "final")
 
-    def __init__(self, chain: list[int], expected: float) -> None:
-        self.chain, self.expected = chain, expected
+    def __init__(self, chain: list[int], chances: list[float], context: int,
+                 expected: float) -> None:
+        self.chain, self.chances, self.context, self.expected = chain, chances, context, expected
         self.matched = 0
         self.final = False
 
@@ -135,8 +137,8 @@ class TrieProposer:
     ``MATCH_LEN`` tokens that the trie holds, and in each of the request's counts and the
     shared counts, the chain of most frequent continuations, cut where the running product of
     the count ratios (the chance of the chain so far) falls below ``MIN_PROB`` and at
-    ``MATCH_FACTOR * k`` tokens (a short match predicts little); the chain whose chances sum
-    highest wins. The draft is its first tokens, as many as pay (below), and never past
+    ``MATCH_FACTOR * k`` tokens (a short match predicts little; the gains below cut further);
+    the chain whose chances sum highest wins. The draft is its first tokens, as many as pay (below), and never past
     ``max_model_len``.
 
     **Requests without request ids.** vLLM passes rows, not requests, and reuses and reorders
@@ -155,28 +157,32 @@ class TrieProposer:
     get no draft and cost the comparison only; rows past the batch are detached.
 
     **How much to draft.** vLLM owns the forward, so the proposer times the engine from the
-    outside: the interval between two calls is one engine step, fitted over recent steps as
-    ``a + r * rows + b * drafts`` seconds (:class:`~fastdecode.integrations.engine_costs.
-    EngineStepCosts`; steps during which a request joined are left out). For a batch of B rows
-    a row feeding T tokens then costs ``1 + c * (T - 1)`` of its share of a plain step, with
-    ``c = b * B / (a + r * B)``: drafting is cheap where the forward is bound by fixed costs (a
-    GPU at small batches) and dear where every token costs (a CPU, large batches). Until the
-    drafts have varied enough to fit, ``c = TOKEN_COST`` (environment:
-    ``FASTDECODE_VLLM_TOKEN_COST``); while they do not vary, one step in
-    ``EngineStepCosts.EXPLORE_EVERY`` drafts half its chosen lengths. A draft of the chain's
-    first d tokens is expected to bring ``1 + s * (p_1 + ... + p_d)`` tokens, p_j the chain's
-    running chances, and :class:`~fastdecode.decoding.budget.BudgetChooser` takes the d (or no
-    draft) with the most tokens per cost. The request's calibration s is learned online: each
-    chain is scored as the row's next tokens come out (its first m drafts agreed with them, what
-    vLLM reports back as accepted wherever they were drafted), and ``s = (hits + PRIOR) /
-    (expected + PRIOR)`` over decayed (``DECAY``) sums of m and of the chances summed, so a
-    request whose text the trie predicts well drafts long, and one that never copies soon
-    drafts nothing.
+    outside: the interval between two calls is one engine step (:class:`~fastdecode.
+    integrations.engine_costs.EngineStepCosts`; steps during which a request joined are left
+    out), fitted over recent steps as ``a + r * rows + b * drafts`` seconds and, for each
+    ``(rows, drafts)`` seen often enough, the median of its own step times (a CPU engine's
+    matrix kernels change with the tokens fed, so a one-row step feeding 4 tokens can take
+    less than one feeding 1). Each draft token carries a gain, its chance of acceptance: the
+    chain's running chance p_j under the counts, times a factor learned per matched context
+    length and draft position (decayed, ``POSITION_DECAY``, over every scored chain: drafts
+    that agreed with what came next against the chances summed), times the request's own
+    calibration s (the same ratio over the request's chains, decayed by ``DECAY``, with
+    ``PRIOR`` weight on 1). Every chain is scored as the row's next tokens come out, whether or
+    not it was drafted in full, so the factors see the tokens that were cut too. The batch then
+    drafts the D tokens of highest gain (a prefix of each chain, since its gains do not grow
+    along it), D chosen for the most expected tokens (rows plus gains) per expected step
+    time, and drafts at all only where that beats plain decoding by ``MARGIN`` (5%). Drafting
+    so pays wherever the forward is bound by fixed costs (a GPU at small batches) and stops
+    where every token costs (a CPU, large batches); a request that never copies soon drafts
+    nothing. Before the fit a draft token is priced at ``TOKEN_COST`` of one row's plain step
+    (environment: ``FASTDECODE_VLLM_TOKEN_COST``); while the drafts do not vary, one step in
+    ``EngineStepCosts.EXPLORE_EVERY`` drafts half as much.
 
-    Settings (class attributes): ``TOKEN_COST`` (c before a fit), ``MATCH_LEN`` (the most trailing
-    tokens matched), ``MIN_PROB`` and ``MATCH_FACTOR`` (the chain cuts), ``PRIOR`` and
-    ``DECAY`` (the calibration's prior weight and its weight of the past per scored chain),
-    ``MAX_NODES_TOTAL`` (the trie's node budget, about 190 bytes a node).
+    Settings (class attributes): ``TOKEN_COST`` (a draft token's price before a fit),
+    ``MATCH_LEN`` (the most trailing tokens matched), ``MIN_PROB`` and ``MATCH_FACTOR`` (the
+    chain cuts), ``PRIOR``, ``DECAY`` and ``POSITION_DECAY`` (the calibration's prior weight
+    and its weights of the past per scored chain), ``MAX_NODES_TOTAL`` (the trie's node
+    budget, about 190 bytes a node).
 
     Args:
         vllm_config: vLLM's ``VllmConfig``; read: ``speculative_config.num_speculative_tokens``
@@ -188,10 +194,11 @@ class TrieProposer:
     TOKEN_COST = 0.1
     MATCH_LEN = 8
     MIN_PROB = 0.1
-    MATCH_FACTOR = 1.0
+    MATCH_FACTOR = 2.0
     PRIOR = 1.0
     MAX_NODES_TOTAL = 1 << 20
     DECAY = 0.9
+    POSITION_DECAY = 0.99
 
     def __init__(self, vllm_config: object) -> None:
         field = "vllm_config.speculative_config.num_speculative_tokens"
@@ -208,8 +215,10 @@ class TrieProposer:
         self.token_cost = self._token_cost()
         self.trie = TrieCache(self.vocab_size, decoding_length=self.k + 2, branch_length=self.k,
                               match_len=self.MATCH_LEN, max_nodes_total=self.MAX_NODES_TOTAL)
-        self.chooser = BudgetChooser()
-        self.costs = EngineStepCosts(self.token_cost)
+        self._choices: Counter[str] = Counter()
+        self._pos_hits = np.zeros((self.MATCH_LEN, self.k))
+        self._pos_expected = np.zeros((self.MATCH_LEN, self.k))
+        self.costs = EngineStepCosts()
         self._last_active: set[int] = set()
         self._window = self.trie.match_len + self.trie.branch_length
         self._rows: list[_Request | None] = [None] * rows
@@ -323,27 +332,59 @@ class TrieProposer:
         self._steps += 1
         if not rows:
             return drafts
-        curve = [(1, 1.0), (2, 1.0 + self.costs.token_cost(len(rows)))]
-        explore = self.costs.explore()
-        chains, chances, lengths, _ = self.trie.draft_chains(
+        chains, chances, lengths, matched = self.trie.draft_chains(
             contexts, self.k, request_ids=[self._rows[i].rid for i, _ in rows],
             min_prob=self.MIN_PROB, match_factor=self.MATCH_FACTOR)
-        for (i, n), toks, probs, L in zip(rows, chains.tolist(), chances.tolist(),
-                                          lengths.tolist()):
+        chains = chains.tolist()
+        gains = []  # per row: its drafts' chances of acceptance, calibrated (non-increasing)
+        factors = (self._pos_hits + self.PRIOR) / (self._pos_expected + self.PRIOR)
+        for (i, n), toks, probs, L, k in zip(rows, chains, chances.tolist(), lengths.tolist(),
+                                             matched.tolist()):
+            req = self._rows[i]
+            room = min(L, tokens.shape[1] - n)
+            gains.append([])
             if not L:
                 continue
-            req = self._rows[i]
-            expected = list(itertools.accumulate(probs[:L]))
-            req.pending.append(_Lookup(toks[:L], expected[-1]))
+            calibrated = (factors[k - 1, :L] * probs[:L]).tolist()
+            req.pending.append(_Lookup(toks[:L], probs[:L], k, sum(calibrated)))
             scale = (req.hits + self.PRIOR) / (req.expected + self.PRIOR)
-            options = [Option(0, "drafts=0", 1.0, 1.0)] + [
-                Option(d, f"drafts={d}", 1.0 + scale * expected[d - 1], 1.0 + d)
-                for d in range(1, L + 1)]
-            length = self.chooser.choose(curve, options)
-            length = (length + 1) // 2 if explore else length
-            drafts[i] = toks[:min(length, tokens.shape[1] - n)]
-            req.draft_len = len(drafts[i])
+            gains[-1] = [scale * p for p in calibrated[:room]]
+        for (i, _), toks, d in zip(rows, chains, self._lengths(gains)):
+            drafts[i] = toks[:d]
+            self._rows[i].draft_len = d
+            self._choices[f"drafts={d}"] += 1
         return drafts
+
+    def _lengths(self, gains: list[list[float]]) -> list[int]:
+        """Each row's draft length for this step: the drafts of largest gain (chance of
+        acceptance), D in all, with the D whose expected tokens per expected step time are the
+        highest, drafting at all only where that beats plain decoding by ``MARGIN``. Since each
+        row's gains do not increase along its chain, the D best are a prefix of every chain.
+        Step times come from :meth:`EngineStepCosts.seconds`, or before its first fit from the
+        prior (a draft token costs ``token_cost`` of one row's plain step); on an exploring
+        step (:meth:`EngineStepCosts.explore`) D is halved."""
+        B = len(gains)
+        if not B:
+            return []
+        order = sorted(((g, row) for row, row_gains in enumerate(gains) for g in row_gains),
+                       key=lambda item: -item[0])  # stable: ties keep each chain's order
+
+        def cost(drafts: int) -> float:
+            seconds = self.costs.seconds(B, drafts)
+            return B + self.token_cost * drafts if seconds is None else max(seconds, 1e-9)
+
+        expected, best, pick = float(B), MARGIN * B / cost(0), 0
+        for drafts, (gain, _) in enumerate(order, 1):
+            expected += gain
+            rate = expected / cost(drafts)
+            if rate > best:
+                best, pick = rate, drafts
+        if pick and self.costs.explore():
+            pick = (pick + 1) // 2
+        out = [0] * B
+        for _, row in order[:pick]:
+            out[row] += 1
+        return out
 
     def _take(self, detached: dict[tuple[int, int], list[_Request]], row: np.ndarray, n: int,
               before: int) -> _Request | None:
@@ -389,6 +430,11 @@ class TrieProposer:
                 continue
             req.hits = self.DECAY * req.hits + look.matched
             req.expected = self.DECAY * req.expected + look.expected
+            L, k = len(look.chain), look.context - 1
+            self._pos_hits[k, :L] *= self.POSITION_DECAY
+            self._pos_hits[k, :look.matched] += 1.0
+            self._pos_expected[k, :L] = (self.POSITION_DECAY * self._pos_expected[k, :L]
+                                         + look.chances)
         req.pending = keep
         return req
 
@@ -407,5 +453,5 @@ class TrieProposer:
         return {"steps": self._steps, "drafted_tokens": self._drafted,
                 "accepted_tokens": self._accepted, "requests_started": self._started,
                 "live_requests": sum(r is not None for r in self._rows),
-                "trie_nodes": len(self.trie), "choices": self.chooser.stats()["choices"],
+                "trie_nodes": len(self.trie), "choices": dict(sorted(self._choices.items())),
                 "step_costs": self.costs.stats(), "propose_seconds": self._host_s}

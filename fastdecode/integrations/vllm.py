@@ -138,8 +138,8 @@ class TrieProposer:
     shared counts, the chain of most frequent continuations, cut where the running product of
     the count ratios (the chance of the chain so far) falls below ``MIN_PROB`` and at
     ``MATCH_FACTOR * k`` tokens (a short match predicts little; the gains below cut further);
-    the chain whose chances sum highest wins. The draft is its first tokens, as many as pay (below), and never past
-    ``max_model_len``.
+    the chain whose chances sum highest wins. The draft is its first tokens, as many as pay
+    (below), and never past ``max_model_len``.
 
     **Requests without request ids.** vLLM passes rows, not requests, and reuses and reorders
     rows as requests finish, join and are preempted. The proposer keeps, per request, the tokens
@@ -448,8 +448,9 @@ class TrieProposer:
 
     def stats(self) -> dict:
         """Steps, draft tokens proposed and accepted (as vLLM reported them back), requests
-        started and live, the trie's nodes, the chooser's choices (label: row-steps), the
-        engine step-cost fit, and the seconds spent drafting (host, all steps)."""
+        started and live, the trie's nodes, the draft lengths chosen (``drafts=d``:
+        row-steps), the engine step costs (:meth:`EngineStepCosts.stats`), and the seconds spent
+        drafting (host, all steps)."""
         return {"steps": self._steps, "drafted_tokens": self._drafted,
                 "accepted_tokens": self._accepted, "requests_started": self._started,
                 "live_requests": sum(r is not None for r in self._rows),

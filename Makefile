@@ -69,6 +69,7 @@ vllm-test: $(VLLM_BUILT) model
 	$(VPY) -m pytest -q tests/test_vllm_engine.py
 
 vllm-bench: $(VLLM_BUILT) model
+	$(VPY) bench/vllm_step_costs.py
 	$(VPY) bench/vllm_e2e.py
 
 # On the GPU machine: its own python3 (no venv, no network), a CUDA build for sm_90, the GPU

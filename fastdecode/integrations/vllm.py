@@ -348,7 +348,8 @@ class TrieProposer:
             calibrated = (factors[k - 1, :L] * probs[:L]).tolist()
             req.pending.append(_Lookup(toks[:L], probs[:L], k, sum(calibrated)))
             scale = (req.hits + self.PRIOR) / (req.expected + self.PRIOR)
-            gains[-1] = [scale * p for p in calibrated[:room]]
+            # a draft is accepted only after all before it: a gain never above the previous one
+            gains[-1] = list(itertools.accumulate((scale * p for p in calibrated[:room]), min))
         for (i, _), toks, d in zip(rows, chains, self._lengths(gains)):
             drafts[i] = toks[:d]
             self._rows[i].draft_len = d

@@ -439,3 +439,21 @@ def test_every_scored_chain_teaches_its_positions():
     assert proposer._pos_expected[2, :5].tolist() == pytest.approx(
         [d + 1, 0.5 * d + 1, 0.5 * d + 1, 0.25 * d + 1, 0])
     assert not proposer._pos_hits[[0, 1, 3]].any() and not proposer._pos_expected[[0, 1, 3]].any()
+
+
+def test_gains_never_rise_along_a_chain(monkeypatch):
+    """Position factors that favour later drafts cannot lift a draft's gain above the one
+    before it (a draft is accepted only after all before it)."""
+    proposer = TrieProposer(config())
+    seen = []
+    lengths = proposer._lengths
+    monkeypatch.setattr(proposer, "_lengths", lambda gains: seen.extend(gains) or lengths(gains))
+    batch = Batch(proposer, rows=1)
+    prompt = permutation(3, range(60))
+    batch.put(0, Request(prompt, copying(prompt)))
+    proposer._pos_hits[:, 1:] = 50.0  # later positions: agreed far more often than promised
+    for _ in range(6):
+        batch.step()
+    chains = [g for g in seen if len(g) > 1]
+    assert chains and all(a >= b for g in chains for a, b in zip(g, g[1:]))
+    assert_correct(batch.log)

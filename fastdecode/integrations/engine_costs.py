@@ -11,13 +11,7 @@ saw and the drafts it handed out collects the engine's step times without touchi
 
 (a fixed cost per step, a cost per request, a cost per draft token), robustly (Huber weights),
 over the most recent ``WINDOW`` intervals that were clean: no request joined or was prefilling
-during the interval, since prefill tokens are not in the model. A step's time often bends with
-the tokens it feeds, ``rows + drafts``: flat while the matrix kernels are bound by reading the
-weights, then rising by a cost per token (vLLM's CPU engine: 4 rows feeding 12 tokens took 1.2x
-a plain 4-row step, 12 rows feeding 24 took 1.6x a plain 12-row step, about the same seconds as
-4 rows feeding 24). So the fit also tries a bend, ``+ h * max(0, rows + drafts - knee)``, at
-``KNEE_STEPS`` knees to each doubling of the tokens fed and keeps the best where it lowers the
-robust loss to under ``KNEE_GAIN`` of the line's (``b`` is then the cost per draft below the knee).
+during the interval, since prefill tokens are not in the model.
 
 There is no fit until the drafts have varied (``b`` cannot be told from the rest before);
 :meth:`EngineStepCosts.explore` tells the drafter when to vary them.
@@ -25,7 +19,7 @@ There is no fit until the drafts have varied (``b`` cannot be told from the rest
 A line is not the whole curve: on vLLM's CPU engine a one-row step that feeds 4 tokens was
 measured faster than one that feeds 1 or 2 (the matrix kernels change with the row count). So
 :meth:`EngineStepCosts.seconds` answers from the step times kept per ``(rows, drafts)`` cell
-(their median, once a cell holds ``CELL_MIN``) and from the fit elsewhere.
+(their median, once a cell holds ``CELL_MIN``) and from the line elsewhere.
 """
 
 from __future__ import annotations
@@ -38,8 +32,8 @@ import numpy as np
 
 
 class EngineStepCosts:
-    """Step times of an engine, fitted as ``a + r * rows + b * drafts``, with a bend past a
-    knee in the tokens fed where one fits (see the module docstring).
+    """Step times of an engine, fitted as ``a + r * rows + b * drafts`` (see the module
+    docstring).
 
     Args:
         clock: seconds, monotonic (default ``time.perf_counter``).
@@ -50,15 +44,11 @@ class EngineStepCosts:
     REFIT_EVERY = 8  # intervals between fits
     EXPLORE_EVERY = 16  # calls between exploring steps while the drafts do not vary
     CELL_KEEP = 16  # step times kept per (rows, drafts) cell
-    CELL_MIN = 3  # before a cell's median replaces the fit
-    KNEE_STEPS = 4  # knees tried per doubling of the tokens fed
-    KNEE_SIDE = 8  # kept intervals at least, on either side of a knee tried
-    KNEE_GAIN = 0.8  # a bend is kept where it leaves under this share of the line's loss
+    CELL_MIN = 3  # before a cell's median replaces the line
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.fit: tuple[float, float, float] | None = None  # (a, r, b) in seconds
-        self.knee: tuple[int, float] | None = None  # (tokens fed, h seconds per token past)
         self._samples: deque[tuple[int, int, float]] = deque(maxlen=self.WINDOW)
         self._since_fit = 0
         self._open: tuple[float, int, int] | None = None  # (end of the last call, rows, drafts)
@@ -97,19 +87,14 @@ class EngineStepCosts:
     def seconds(self, rows: int, drafts: int) -> float | None:
         """The expected seconds of a step of ``rows`` decoding rows verifying ``drafts`` draft
         tokens in all: the median of the cell's kept step times once it holds ``CELL_MIN``,
-        else the fit's ``a + r * rows + b * drafts (+ h * max(0, rows + drafts - knee))``;
-        None before the first fit."""
+        else the line's ``a + r * rows + b * drafts``; None before the first fit."""
         if self.fit is None:
             return None
         median = self._cell_median.get((rows, drafts))
         if median is not None:
             return median
         a, r, b = self.fit
-        seconds = a + r * rows + b * drafts
-        if self.knee is not None:
-            knee, h = self.knee
-            seconds += h * max(0, rows + drafts - knee)
-        return seconds
+        return a + r * rows + b * drafts
 
     def _keep_cell(self, rows: int, drafts: int, seconds: float) -> None:
         key = (rows, drafts)
@@ -126,60 +111,24 @@ class EngineStepCosts:
             return  # the drafts never varied: b cannot be told from the rest
         vary_rows = np.ptp(rows) > 0
         columns = [np.ones_like(rows), drafts] + ([rows] if vary_rows else [])
-        line, scale = _huber(np.stack(columns, axis=1), seconds)
-        theta, self.knee = line, None
-        best = self.KNEE_GAIN * _huber_loss(seconds - np.stack(columns, axis=1) @ line, scale)
-        fed = rows + drafts
-        for knee in self._knees(fed):
-            X = np.stack(columns + [np.maximum(0.0, fed - knee)], axis=1)
-            hinged = _huber(X, seconds, scale, rounds=3)[0]
-            loss = _huber_loss(seconds - X @ hinged, scale)
-            if hinged[1] >= 0 and hinged[-1] > 0 and loss < best:
-                best, theta, self.knee = loss, hinged[:-1], (int(knee), float(hinged[-1]))
+        X = np.stack(columns, axis=1)
+        weights = np.ones_like(seconds)
+        theta = np.zeros(X.shape[1])
+        for _ in range(5):  # Huber: residuals past 1.5 robust deviations weigh less
+            w = np.sqrt(weights)
+            theta = np.linalg.lstsq(X * w[:, None], seconds * w, rcond=None)[0]
+            residual = np.abs(seconds - X @ theta)
+            scale = 1.4826 * float(np.median(residual)) + 1e-12
+            weights = np.minimum(1.0, 1.5 * scale / np.maximum(residual, 1e-12))
         fixed, per_draft = max(0.0, float(theta[0])), max(0.0, float(theta[1]))
         per_row = max(0.0, float(theta[2])) if vary_rows else 0.0
         if not vary_rows:  # a and r are one constant for a batch that never changed size
             fixed, per_row = 0.0, fixed / float(rows[0])
         self.fit = (fixed, per_row, per_draft)
 
-    def _knees(self, fed: np.ndarray) -> list[float]:
-        """The tokens-fed counts where a bend is tried: ``KNEE_STEPS`` to each doubling from 2
-        (rounded), each with at least ``KNEE_SIDE`` kept intervals at or below it and above it."""
-        top = max(2.0, float(fed.max()))
-        steps = np.arange(self.KNEE_STEPS, int(self.KNEE_STEPS * np.log2(top)) + 1)
-        knees = np.unique(np.round(2.0 ** (steps / self.KNEE_STEPS)))
-        return [float(k) for k in knees
-                if (fed <= k).sum() >= self.KNEE_SIDE and (fed > k).sum() >= self.KNEE_SIDE]
-
     def stats(self) -> dict:
-        """The fit (seconds: fixed, per row, per draft token; None before one), its bend
-        (``(knee, seconds per token fed past it)``, None without one), the clean intervals
-        kept, and the cells that answer :meth:`seconds` by their median (``"rows/drafts"``:
-        seconds)."""
-        return {"fit": self.fit, "knee": self.knee, "samples": len(self._samples),
+        """The fit (seconds: fixed, per row, per draft token; None before one), the clean
+        intervals kept, and the cells that answer :meth:`seconds` by their median
+        (``"rows/drafts"``: seconds)."""
+        return {"fit": self.fit, "samples": len(self._samples),
                 "cells": {f"{r}/{d}": m for (r, d), m in sorted(self._cell_median.items())}}
-
-
-def _huber(X: np.ndarray, y: np.ndarray, scale: float | None = None,
-           rounds: int = 5) -> tuple[np.ndarray, float]:
-    """Least squares of ``X @ theta ~ y`` with Huber weights (residuals past 1.5 robust
-    deviations weigh less): theta, and the robust deviation of its residuals (``scale`` kept
-    fixed where given)."""
-    weights = np.ones_like(y)
-    theta = np.zeros(X.shape[1])
-    fixed = scale is not None
-    for _ in range(rounds):
-        w = np.sqrt(weights)
-        theta = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
-        residual = np.abs(y - X @ theta)
-        if not fixed:
-            scale = 1.4826 * float(np.median(residual)) + 1e-12
-        weights = np.minimum(1.0, 1.5 * scale / np.maximum(residual, 1e-12))
-    return theta, float(scale)
-
-
-def _huber_loss(residual: np.ndarray, scale: float) -> float:
-    """The Huber loss of ``residual`` (quadratic within 1.5 ``scale``, linear past it)."""
-    cut = 1.5 * scale
-    r = np.abs(residual)
-    return float(np.where(r <= cut, 0.5 * r * r, cut * (r - 0.5 * cut)).sum())

@@ -161,12 +161,10 @@ class TrieProposer:
     **How much to draft.** vLLM owns the forward, so the proposer times the engine from the
     outside: the interval between two calls is one engine step (:class:`~fastdecode.
     integrations.engine_costs.EngineStepCosts`; steps during which a request joined are left
-    out), fitted over recent steps as ``a + r * rows + b * drafts`` seconds with a bend past a
-    knee in the tokens fed (``rows + drafts``) where the steps show one (a step stays nearly
-    flat while the matrix kernels are bound by reading the weights) and, for each ``(rows,
-    drafts)`` seen often enough, the median of its own step times (a CPU engine's matrix
-    kernels change with the tokens fed, so a one-row step feeding 4 tokens can take less than
-    one feeding 1). Each draft token carries a gain, its chance of acceptance: the product,
+    out), fitted over recent steps as ``a + r * rows + b * drafts`` seconds and, for each
+    ``(rows, drafts)`` seen often enough, the median of its own step times (a CPU engine's
+    matrix kernels change with the tokens fed, so a one-row step feeding 4 tokens can take
+    less than one feeding 1). Each draft token carries a gain, its chance of acceptance: the product,
     along the chain, of each draft's chance of agreeing once the drafts before it did,
     calibrated per cell of (matched context length 1, 2, 3 or more; the count ratio of that
     draft, binned at ``RATIO_EDGES``; its position 1, 2, 3 or later): the decayed share

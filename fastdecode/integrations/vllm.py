@@ -164,10 +164,10 @@ class TrieProposer:
     out), fitted over recent steps as ``a + r * rows + b * drafts`` seconds and, for each
     ``(rows, drafts)`` seen often enough, the median of its own step times (a CPU engine's
     matrix kernels change with the tokens fed, so a one-row step feeding 4 tokens can take
-    less than one feeding 1). Each draft token carries a gain, its chance of acceptance: the product,
-    along the chain, of each draft's chance of agreeing once the drafts before it did,
-    calibrated per cell of (matched context length 1, 2, 3 or more; the count ratio of that
-    draft, binned at ``RATIO_EDGES``; its position 1, 2, 3 or later): the decayed share
+    less than one feeding 1). Each draft token carries a gain, its chance of acceptance: the
+    product, along the chain, of each draft's chance of agreeing once the drafts before it
+    did, calibrated per cell of (matched context length 1, 2, 3 or more; the count ratio of
+    that draft, binned at ``RATIO_EDGES``; its position 1, 2, 3 or later): the decayed share
     (``CALIBRATION_DECAY``) of the drafts in the cell that agreed, shrunk toward the count
     ratio with ``CALIBRATION_PRIOR`` weight; times the request's own calibration s (its
     drafts that agreed over the gains that promised them, decayed by ``DECAY``, with
